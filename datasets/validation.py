@@ -1,0 +1,86 @@
+"""Checks that a zarr group is a well-formed replay buffer, with errors that name the store, the key and the problem.
+
+Every check only reads. A malformed store is reported before training starts, not as an index error an hour in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import zarr
+
+from fm_policy.datasets.errors import DatasetError
+
+FINITE_CHECK_STEPS = 65536  # rows per read while scanning float arrays for NaN/inf: bounded memory on big stores
+
+
+def validate_episode_ends(ends: np.ndarray, store: str) -> None:
+    """`episode_ends` must be a non-empty, strictly increasing, positive integer array (exclusive ends)."""
+    key = "meta/episode_ends"
+    if ends.dtype.kind not in "iu":
+        raise DatasetError(store, f"must hold integers (diffusion_policy writes int64), found dtype {ends.dtype}", key)
+    if ends.ndim != 1:
+        raise DatasetError(store, f"must be 1-D, found shape {ends.shape}", key)
+    if len(ends) == 0:
+        raise DatasetError(store, "is empty: the store holds no episodes", key)
+    steps = np.diff(ends, prepend=0)
+    if (steps <= 0).any():
+        bad = int(np.argmax(steps <= 0))
+        prev = 0 if bad == 0 else int(ends[bad - 1])
+        raise DatasetError(
+            store,
+            f"is not strictly increasing: episode {bad} ends at {int(ends[bad])} after the previous end {prev} "
+            "(every episode needs at least one step)",
+            key,
+        )
+
+
+def _check_finite(array: zarr.Array, store: str, key: str) -> None:
+    for start in range(0, array.shape[0], FINITE_CHECK_STEPS):
+        block = np.asarray(array[start : start + FINITE_CHECK_STEPS])
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not finite.all():
+            step = start + int(np.argmin(finite))
+            raise DatasetError(store, f"contains NaN or inf (first at step {step})", key=f"data/{key}")
+
+
+def validate_replay_buffer(
+    root: zarr.Group, store: str, required_keys: Iterable[str] = (), check_finite: bool = True
+) -> None:
+    """Raise `DatasetError` unless `root` has the diffusion_policy layout and holds `required_keys`.
+
+    Checks: `data` and `meta/episode_ends` exist; episode ends are valid; every data array has a numeric dtype and
+    exactly `episode_ends[-1]` steps; float arrays are finite (`check_finite`); `required_keys` are present.
+    """
+    for group in ("data", "meta"):
+        if group not in root or not isinstance(root[group], zarr.Group):
+            raise DatasetError(store, f"missing the '{group}' group (expected data/<key> and meta/episode_ends)")
+    meta = root["meta"]
+    if "episode_ends" not in meta:
+        raise DatasetError(store, "missing; it marks where each episode ends", key="meta/episode_ends")
+    ends = np.asarray(meta["episode_ends"][:])
+    validate_episode_ends(ends, store)
+    n_steps = int(ends[-1])
+
+    data = root["data"]
+    keys = sorted(data.array_keys())
+    if not keys:
+        raise DatasetError(store, "the 'data' group holds no arrays")
+    for key in keys:
+        array = data[key]
+        if array.dtype.kind not in "biuf":
+            raise DatasetError(store, f"has dtype {array.dtype}; only bool, integer and float data load", f"data/{key}")
+        if array.ndim == 0 or array.shape[0] != n_steps:
+            raise DatasetError(
+                store,
+                f"has {array.shape[0] if array.ndim else 0} steps but meta/episode_ends[-1] is {n_steps} "
+                "(an interrupted write, or arrays from different recordings)",
+                f"data/{key}",
+            )
+        if check_finite and array.dtype.kind == "f":
+            _check_finite(array, store, key)
+
+    missing = [k for k in required_keys if k not in keys]
+    if missing:
+        raise DatasetError(store, f"the config needs data keys {missing}, but the store has only {keys}")
