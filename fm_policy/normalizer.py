@@ -1,0 +1,132 @@
+"""Per-key affine normalisation of observations and actions, fitted on a dataset and saved with the policy.
+
+Modes:
+- `minmax`: per dimension to [-1, 1]. The flow's Gaussian noise and diffusion's clipping both live on that scale.
+  A dimension whose range is below `range_eps` is only centred (scale 1), so a constant input does not blow up to
+  +-1e4 and back (diffusion_policy's rule).
+- `zscore`: per dimension to zero mean and unit variance; a near-constant dimension (std < eps) is only centred.
+- `identity`: left as is (e.g. quaternions, or actions already in [-1, 1]).
+
+Each key stores `scale` and `offset` buffers (y = x * scale + offset) plus the fitted statistics, so the inverse
+is exact algebra, the normaliser moves with `.to(device)`, lives in the policy's state dict, and saves to
+safetensors with no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NormMode = Literal["minmax", "zscore", "identity"]
+MODES: tuple[str, ...] = ("minmax", "zscore", "identity")
+STATS = ("min", "max", "mean", "std")
+
+
+def _affine(data: np.ndarray, mode: str, range_eps: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    x = np.asarray(data, dtype=np.float64)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"cannot fit a normaliser on an empty array of shape {x.shape}")
+    stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+    if mode == "minmax":
+        span = stats["max"] - stats["min"]
+        flat = span < range_eps
+        scale = np.where(flat, 1.0, 2.0 / np.where(flat, 1.0, span))
+        offset = np.where(flat, -(stats["max"] + stats["min"]) / 2, -1.0 - scale * stats["min"])
+    elif mode == "zscore":
+        flat = stats["std"] < range_eps
+        scale = np.where(flat, 1.0, 1.0 / np.where(flat, 1.0, stats["std"]))
+        offset = -scale * stats["mean"]
+    elif mode == "identity":
+        scale, offset = np.ones_like(stats["mean"]), np.zeros_like(stats["mean"])
+    else:
+        raise ValueError(f"unknown normalisation mode '{mode}'; choose one of {MODES}")
+    return scale, offset, stats
+
+
+class Normalizer(nn.Module):
+    """Per-key affine maps (see the module docstring); keys are dataset keys such as 'action' or 'state'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: dict[str, str] = {}
+
+    @classmethod
+    def fit(
+        cls, data: Mapping[str, np.ndarray], modes: Mapping[str, NormMode] | NormMode = "minmax", range_eps: float = 1e-4
+    ) -> Normalizer:
+        """Fit on arrays of shape (N, ...) (statistics over axis 0, per remaining element)."""
+        norm = cls()
+        for key, values in data.items():
+            mode = modes if isinstance(modes, str) else modes.get(key, "minmax")
+            scale, offset, stats = _affine(values, mode, range_eps)
+            norm._set(key, mode, {"scale": scale, "offset": offset, **stats})
+        return norm
+
+    def _set(self, key: str, mode: str, tensors: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        self.modes[key] = mode
+        for name, value in tensors.items():
+            self.register_buffer(self._buffer(key, name), torch.as_tensor(np.asarray(value), dtype=torch.float32))
+
+    @staticmethod
+    def _buffer(key: str, name: str) -> str:
+        return f"{key.replace('.', '__')}__{name}"  # nn.Module buffer names may not contain '.'
+
+    def _get(self, key: str, name: str) -> torch.Tensor:
+        if key not in self.modes:
+            raise KeyError(f"normaliser has no key '{key}'; fitted keys: {sorted(self.modes)}")
+        return getattr(self, self._buffer(key, name))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.modes
+
+    def stats(self, key: str) -> dict[str, torch.Tensor]:
+        return {name: self._get(key, name) for name in STATS}
+
+    def _check_shape(self, key: str, x: torch.Tensor) -> None:
+        feature = self._get(key, "scale").shape
+        if tuple(x.shape[x.ndim - len(feature) :]) != tuple(feature) or x.ndim < len(feature):
+            raise ValueError(f"'{key}' has shape {tuple(x.shape)}; the normaliser expects (..., {', '.join(map(str, feature))})")
+
+    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        self._check_shape(key, x)
+        return x * self._get(key, "scale") + self._get(key, "offset")
+
+    def unnormalize(self, key: str, y: torch.Tensor) -> torch.Tensor:
+        self._check_shape(key, y)
+        return (y - self._get(key, "offset")) / self._get(key, "scale")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file; the modes travel in its metadata. Atomic: a crash never leaves half a file."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata={"modes": json.dumps(self.modes)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Normalizer:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "modes" not in metadata:
+            raise ValueError(f"{path}: not a normaliser file (no 'modes' in its safetensors metadata)")
+        tensors = load_file(os.fspath(path))
+        norm = cls()
+        for key, mode in json.loads(metadata["modes"]).items():
+            names = ("scale", "offset", *STATS)
+            missing = [n for n in names if cls._buffer(key, n) not in tensors]
+            if missing:
+                raise ValueError(f"{path}: key '{key}' lacks tensors {missing}")
+            norm._set(key, mode, {n: tensors[cls._buffer(key, n)] for n in names})
+        return norm
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}: {m}" for k, m in self.modes.items())
