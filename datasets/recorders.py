@@ -1,0 +1,114 @@
+"""Episode recorders: run an expert in a simulator and return the episode as time-aligned arrays.
+
+A recorder is what `collect` runs inside each worker process. It owns one env and one expert for its whole life (built
+lazily in the worker, never in the parent: MuJoCo-based envs must not fork a GL context), and turns
+(env seed, planner seed) into an `Episode` deterministically, which is what makes collection reproducible.
+
+Step alignment (diffusion_policy's): row t holds the observation seen before action t, action t, and what executing
+action t produced (`n_contacts`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Episode:
+    data: dict[str, np.ndarray]
+    success: bool
+    steps: int
+    final_score: float  # env-specific progress measure (Push-T: coverage)
+
+
+class EpisodeRecorder(Protocol):
+    def record(self, env_seed: int, planner_seed: int) -> Episode: ...
+
+    def dataset_attrs(self) -> dict[str, Any]:
+        """How the data is made (env id and versions, observation modes, expert settings): stored in the zarr."""
+        ...
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class PushTRecorder:
+    """Push-T with the push-primitive planning expert. Stored keys follow diffusion_policy's Push-T zarr:
+    `state` (5) always (it is also what `reset_to_state` replays), `keypoint` (9, 2) for the `keypoints` mode,
+    `img` (96, 96, 3) uint8 for the `image` mode, `action` (2), `n_contacts` (1)."""
+
+    KEY_FOR_MODE = {"state": "state", "keypoints": "keypoint", "image": "img"}
+
+    def __init__(self, obs_modes: Sequence[str] = ("state", "keypoints"), max_steps: int = 300, **env_kwargs: Any):
+        from fm_policy.datasets.experts.pusht import PushTExpert, PushTExpertConfig
+        from fm_policy.envs import make_env
+
+        unknown = set(obs_modes) - set(self.KEY_FOR_MODE)
+        if unknown:
+            raise ValueError(f"unknown Push-T observation modes {sorted(unknown)}; choose from {list(self.KEY_FOR_MODE)}")
+        self.obs_modes = tuple(m for m in self.KEY_FOR_MODE if m in obs_modes)
+        # the env always observes `state`: it is stored for every mode
+        env_modes = tuple(dict.fromkeys(("state", *self.obs_modes)))
+        self.env = make_env("pusht", obs_mode=",".join(env_modes), max_episode_steps=max_steps, **env_kwargs)
+        self.env_kwargs = dict(env_kwargs)
+        self.max_steps = max_steps
+        self.expert_config = PushTExpertConfig()
+        self.expert = PushTExpert(self.expert_config, seed=0)
+
+    def record(self, env_seed: int, planner_seed: int) -> Episode:
+        from fm_policy.envs import block_keypoints
+
+        obs, info = self.env.reset(seed=env_seed)
+        self.expert.reset(planner_seed)
+        rows: dict[str, list[np.ndarray]] = {"state": [], "action": [], "n_contacts": []}
+        if "keypoints" in self.obs_modes:
+            rows["keypoint"] = []
+        if "image" in self.obs_modes:
+            rows["img"] = []
+        success = False
+        for _ in range(self.max_steps):
+            # float32 is what the store holds; executing the cast action keeps stored actions replayable exactly
+            action = self.expert.act(self.env.sim).astype(np.float32)
+            rows["state"].append(obs["state"])
+            if "keypoint" in rows:
+                rows["keypoint"].append(block_keypoints(info["block_pose"]).astype(np.float32))
+            if "img" in rows:
+                rows["img"].append(obs["image"])
+            obs, _, terminated, truncated, info = self.env.step(action)
+            rows["action"].append(action)
+            rows["n_contacts"].append(np.array([info["n_contacts"]], dtype=np.float32))
+            success = bool(info["is_success"])
+            if terminated or truncated:
+                break
+        data = {k: np.stack(v) for k, v in rows.items()}
+        return Episode(data=data, success=success, steps=len(data["action"]), final_score=float(info["coverage"]))
+
+    def dataset_attrs(self) -> dict[str, Any]:
+        return {
+            "env": "pusht",
+            "env_id": "gym_pusht/PushT-v0",
+            "env_versions": {p: _version(p) for p in ("gym-pusht", "pymunk", "gymnasium")},
+            "env_kwargs": self.env_kwargs,
+            "goal_pose": [float(v) for v in self.env.goal_pose],
+            "obs_modes": list(self.obs_modes),
+            "max_steps": self.max_steps,
+            "expert": {"name": "PushTExpert (push-primitive planner)", "config": asdict(self.expert_config)},
+        }
+
+
+RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {"pusht": PushTRecorder}
+
+
+def make_recorder(env: str, **kwargs: Any) -> EpisodeRecorder:
+    if env not in RECORDERS:
+        raise ValueError(f"no expert recorder for env '{env}'; available: {sorted(RECORDERS)}")
+    return RECORDERS[env](**kwargs)

@@ -1,0 +1,151 @@
+"""Command line: `fm-policy <command>` and `train-policy`.
+
+Heavy imports (torch, simulators) happen inside the command that needs them, so `fm-policy --help` is instant and a
+dataset command never pays for a simulator import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from fm_policy import __version__
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. state,keypoints")
+    return items
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from fm_policy.datasets.collect import CollectConfig, collect
+
+    config = CollectConfig(
+        env=args.env,
+        episodes=args.episodes,
+        out=args.out,
+        workers=args.workers,
+        obs=args.obs,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        max_retries=args.max_retries,
+        zarr_format=args.zarr_format,
+        compressor=args.compressor,
+        overwrite=args.overwrite,
+    )
+    summary = collect(config, progress=not args.no_progress)
+    skipped = summary["skipped_env_seeds"]
+    print(
+        f"wrote {summary['episodes']} episodes ({summary['steps']} steps, mean length "
+        f"{summary['mean_episode_length']:.1f}) to {summary['out']} in {summary['seconds']:.1f} s; "
+        f"{len(skipped)} candidate(s) skipped after all retries failed{': env seeds ' + str(skipped) if skipped else ''}"
+    )
+    return 0
+
+
+def _cmd_dataset_info(args: argparse.Namespace) -> int:
+    from fm_policy.datasets.info import dataset_summary, format_summary
+
+    summary = dataset_summary(args.path)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_dataset_validate(args: argparse.Namespace) -> int:
+    from fm_policy.datasets.replay_buffer import ReplayBuffer
+
+    with ReplayBuffer.open(args.path, required_keys=args.keys or ()) as buffer:
+        print(f"{args.path}: valid ({buffer.n_episodes} episodes, {buffer.n_steps} steps, keys {buffer.keys})")
+    return 0
+
+
+def _cmd_envs(args: argparse.Namespace) -> int:
+    from fm_policy.envs import available_envs
+
+    print("\n".join(available_envs()))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    # Training lands with the policy/trainer issue; until then say so plainly instead of pretending.
+    print(
+        "train-policy: training is not available in this version yet (it arrives with the flow-matching policy and "
+        "trainer). Collect and inspect data with `fm-policy collect` and `fm-policy dataset info` meanwhile.",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fm-policy", description="Flow-matching action-chunk policies for robots.")
+    parser.add_argument("--version", action="version", version=f"fm-policy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("collect", help="generate expert demonstrations into a zarr store")
+    p.add_argument("--env", default="pusht", help="environment with a scripted expert (default: pusht)")
+    p.add_argument("--episodes", type=int, default=200, help="successful episodes to store (default: 200)")
+    p.add_argument("--out", required=True, help="output store, e.g. data/pusht_expert.zarr")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--obs", type=_csv, default=("state", "keypoints"),
+                   help="observation modes to store: state, keypoints, image (default: state,keypoints)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; candidate i uses env seed seed+i (default: 0)")
+    p.add_argument("--max-steps", type=int, default=300, help="episode step limit (default: 300)")
+    p.add_argument("--max-retries", type=int, default=2, help="retries with fresh planner seeds (default: 2)")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2,
+                   help="2 (default) is readable by diffusion_policy; 3 is zarr's current format")
+    p.add_argument("--compressor", choices=("default", "disk", "none"), default="default",
+                   help="Blosc lz4 (default, fast), Blosc zstd bit-shuffle (disk, small) or none")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store or interrupted collection")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_collect)
+
+    dataset = sub.add_parser("dataset", help="inspect replay-buffer stores").add_subparsers(
+        dest="dataset_command", required=True, metavar="subcommand")
+    p = dataset.add_parser("info", help="episodes, steps, keys, shapes, dtypes, chunks, compressors, statistics")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_dataset_info)
+    p = dataset.add_parser("validate", help="check a store's layout and values; exit 2 with the problem if bad")
+    p.add_argument("path")
+    p.add_argument("--keys", type=_csv, help="data keys that must be present, e.g. state,action")
+    p.set_defaults(func=_cmd_dataset_validate)
+
+    sub.add_parser("envs", help="list registered environments").set_defaults(func=_cmd_envs)
+    sub.add_parser("train", help="train a policy (same as train-policy)").set_defaults(func=_cmd_train)
+    return parser
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Expected failures (bad data, bad arguments, existing outputs) print one clear line, not a traceback."""
+    from fm_policy.datasets.errors import DatasetError
+
+    try:
+        return func(args)
+    except (DatasetError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
+    except KeyboardInterrupt as exc:
+        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_cmd_train, argparse.Namespace())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
