@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from fm_policy.datasets.errors import DatasetError
-from fm_policy.datasets.validation import validate_replay_buffer
+from fm_policy.datasets.validation import check_required_keys, validate_replay_buffer
 
 CompressorName = Literal["default", "disk", "none"]
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024  # diffusion_policy aims at ~2 MB chunks; the same trade-off holds here
@@ -184,6 +184,10 @@ class ReplayBuffer:
     @property
     def episode_lengths(self) -> np.ndarray:
         return np.diff(self.episode_ends, prepend=0)
+
+    def require(self, keys: Iterable[str]) -> None:
+        """Raise `DatasetError` naming the missing keys unless every key in `keys` is stored."""
+        check_required_keys(self.keys, keys, self.path)
 
     def array(self, key: str) -> zarr.Array:
         if key not in self.data:

@@ -81,6 +81,11 @@ def validate_replay_buffer(
         if check_finite and array.dtype.kind == "f":
             _check_finite(array, store, key)
 
-    missing = [k for k in required_keys if k not in keys]
+    check_required_keys(keys, required_keys, store)
+
+
+def check_required_keys(available: Iterable[str], required: Iterable[str], store: str) -> None:
+    available = sorted(available)
+    missing = [k for k in required if k not in available]
     if missing:
-        raise DatasetError(store, f"the config needs data keys {missing}, but the store has only {keys}")
+        raise DatasetError(store, f"the config needs data keys {missing}, but the store has only {available}")
