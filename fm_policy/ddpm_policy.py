@@ -1,0 +1,53 @@
+"""Diffusion Policy baseline (Chi et al.): epsilon-prediction DDPM on the same network, data and API as the flow
+policy, so the two compare side by side. Schedulers are diffusers' (DDPMScheduler for training and 100-step ancestral
+sampling, DDIMScheduler for few-step deterministic sampling)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
+
+from fm_policy.flow_matching import flow_matching_loss, sample_noise
+from fm_policy.normalizer import Normalizer
+from fm_policy.policy import BasePolicy, PolicyConfig, register_policy
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@register_policy("ddpm")
+class DiffusionPolicy(BasePolicy):
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer):
+        super().__init__(config, normalizer)
+        if config.diffusion_sampler not in SAMPLERS:
+            raise ValueError(f"policy.diffusion_sampler '{config.diffusion_sampler}' is unknown; choose {SAMPLERS}")
+        schedule = dict(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
+            clip_sample=config.clip_sample,
+            prediction_type="epsilon",
+        )
+        self.train_scheduler = DDPMScheduler(**schedule)
+        self._sample_schedulers = {"ddpm": DDPMScheduler(**schedule), "ddim": DDIMScheduler(**schedule)}
+
+    def _loss(self, actions: Tensor, cond: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        noise = sample_noise(actions.shape, actions.device, actions.dtype)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
+        noisy = self.train_scheduler.add_noise(actions, noise, timesteps)
+        predicted = self.net(noisy, timesteps.to(actions.dtype), cond)
+        # the same masked mean squared error as the flow loss, here on the noise instead of the velocity
+        return {"loss": flow_matching_loss(predicted, noise, mask)}
+
+    def _sample(self, cond: Tensor, num_steps: int, solver: str | None, noise: Tensor | None) -> Tensor:
+        """`solver` picks the sampler ('ddpm' or 'ddim'; default from the config); `num_steps` its step count."""
+        name = solver or self.config.diffusion_sampler
+        if name not in SAMPLERS:
+            raise ValueError(f"diffusion sampler '{name}' is unknown; choose one of {SAMPLERS}")
+        scheduler = self._sample_schedulers[name]
+        scheduler.set_timesteps(num_steps, device=cond.device)
+        x = noise if noise is not None else sample_noise(
+            (cond.shape[0], self.config.horizon, self.config.action_dim), cond.device, cond.dtype)
+        for t in scheduler.timesteps:
+            eps = self.net(x, t.to(x.dtype).expand(x.shape[0]), cond)
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
