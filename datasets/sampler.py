@@ -151,13 +151,21 @@ def make_dataloader(
     drop_last: bool = True,
     seed: int | None = None,
     pin_memory: bool = False,
+    skip_batches: int = 0,
 ) -> DataLoader:
-    """A DataLoader that fetches whole batches from `dataset` (see `SequenceDataset`)."""
+    """A DataLoader that fetches whole batches from `dataset` (see `SequenceDataset`).
+
+    With a `seed` the batch order is a pure function of it; `skip_batches` drops the first batches of that order
+    without gathering them, which is how a resumed training run continues mid-epoch exactly.
+    """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
+    if skip_batches:
+        batches = list(batches)[skip_batches:]
     return DataLoader(
         dataset,
-        sampler=BatchSampler(base, batch_size=batch_size, drop_last=drop_last),
+        sampler=batches,
         batch_size=None,  # the sampler yields index batches; no per-sample collate
         num_workers=num_workers,
         pin_memory=pin_memory,

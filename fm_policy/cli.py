@@ -73,16 +73,6 @@ def _cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    # Training lands with the policy/trainer issue; until then say so plainly instead of pretending.
-    print(
-        "train-policy: training is not available in this version yet (it arrives with the flow-matching policy and "
-        "trainer). Collect and inspect data with `fm-policy collect` and `fm-policy dataset info` meanwhile.",
-        file=sys.stderr,
-    )
-    return EXIT_USAGE
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm-policy", description="Flow-matching action-chunk policies for robots.")
     parser.add_argument("--version", action="version", version=f"fm-policy {__version__}")
@@ -118,17 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dataset_validate)
 
     sub.add_parser("envs", help="list registered environments").set_defaults(func=_cmd_envs)
-    sub.add_parser("train", help="train a policy (same as train-policy)").set_defaults(func=_cmd_train)
+    sub.add_parser("train", help="train a policy: same arguments as train-policy (see train-policy --help)")
     return parser
 
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Expected failures (bad data, bad arguments, existing outputs) print one clear line, not a traceback."""
+    from fm_policy.checkpoint import CheckpointError
     from fm_policy.datasets.errors import DatasetError
 
     try:
         return func(args)
-    except (DatasetError, FileExistsError, ValueError) as exc:
+    except (DatasetError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and the like
@@ -139,12 +130,22 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return _run(args.func, args)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_cmd_train, argparse.Namespace())
+    """`train-policy`: its own parser (fm_policy.train), the same one-line errors as every command."""
+
+    def run(_: argparse.Namespace) -> int:
+        from fm_policy.train import main as train
+
+        return train(argv)
+
+    return _run(run, argparse.Namespace())
 
 
 if __name__ == "__main__":
