@@ -123,3 +123,6 @@ def test_retry_planner_seed(env) -> None:
     assert len({7, *seeds}) == 4 and all(isinstance(s, int) and s >= 0 for s in seeds)
     r = run_expert_episode_with_retries(env, EASY_SEEDS[0], EASY_SEEDS[0], max_retries=2)
     assert r["success"] and r["attempts"] == 1
+    # a 5-step limit fails every attempt: all retries run, the last one with the derived seed
+    r = run_expert_episode_with_retries(env, EASY_SEEDS[0], EASY_SEEDS[0], max_retries=2, max_steps=5)
+    assert not r["success"] and r["attempts"] == 3 and r["planner_seed"] == retry_planner_seed(EASY_SEEDS[0], 2)
