@@ -7,7 +7,8 @@ final coverage; writes a JSON (summary + per-seed records) and a Markdown report
     python eval/bench_pusht_expert.py --seeds 0:200 --workers 1 \
         --out docs/results/pusht_expert.json --md docs/results/pusht_expert.md
 
-The planner seed of env seed s is `s + --planner-seed-offset` (0 by default).
+The planner seed of env seed s is `s + --planner-seed-offset` (0 by default). `--goal x,y,angle` runs a
+non-default goal pose through fm_policy.envs.PushTEnv(goal_pose=...); by default gym-pusht's own env is used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import datetime  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -44,23 +46,28 @@ def _parse_seeds(spec: str) -> list[int]:
     return [int(s) for s in spec.split(",")]
 
 
-def _get_env() -> Any:
+def _get_env(goal: tuple[float, float, float] | None, max_steps: int) -> Any:
     """The process's state-obs Push-T env (created once: env creation is not part of an episode's cost)."""
     global _ENV
     if _ENV is None:
-        import gym_pusht  # noqa: F401  (registers the env)
-        import gymnasium as gym
+        if goal is None:
+            import gym_pusht  # noqa: F401  (registers the env)
+            import gymnasium as gym
 
-        _ENV = gym.make("gym_pusht/PushT-v0", obs_type="state")
+            _ENV = gym.make("gym_pusht/PushT-v0", obs_type="state")
+        else:
+            from fm_policy.envs import PushTEnv
+
+            _ENV = PushTEnv(obs_mode="state", goal_pose=goal, max_episode_steps=max_steps)
     return _ENV
 
 
-def run_seed(job: tuple[int, int, int, int]) -> dict[str, Any]:
+def run_seed(job: tuple[int, int, int, int, tuple[float, float, float] | None]) -> dict[str, Any]:
     """Runs env seed `seed` (attempt 0, then retries while failing); returns a JSON-able record."""
     from fm_policy.datasets.experts.pusht import retry_planner_seed, run_expert_episode
 
-    seed, planner_seed, max_retries, max_steps = job
-    env = _get_env()
+    seed, planner_seed, max_retries, max_steps, goal = job
+    env = _get_env(goal, max_steps)
     attempts = []
     for attempt in range(max_retries + 1):
         cpu0 = time.process_time()
@@ -144,7 +151,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Push-T planning expert: benchmark",
         "",
-        f"Env seeds `{result['seeds']}` (gym_pusht/PushT-v0, obs_type=state, default goal pose), "
+        f"Env seeds `{result['seeds']}` ("
+        + ("gym_pusht/PushT-v0, obs_type=state, default goal pose (256, 256, pi/4)" if result["goal"] is None
+           else f"fm_policy.envs.PushTEnv, obs_mode=state, goal pose {tuple(result['goal'])}")
+        + "), "
         f"planner seed = env seed + {result['planner_seed_offset']}, at most {result['max_steps']} steps, "
         "success = coverage > 0.95. Times are per state-only episode on one core (numpy threads = 1).",
         "",
@@ -201,13 +211,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-retries", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--planner-seed-offset", type=int, default=0)
+    p.add_argument("--goal", default=None, help="non-default goal pose 'x,y,angle' (fm_policy.envs.PushTEnv)")
     p.add_argument("--out", default=None, help="JSON output path")
     p.add_argument("--md", default=None, help="Markdown report path")
     p.add_argument("--note", default="", help="free text for the report (e.g. machine load)")
     args = p.parse_args(argv)
 
     seeds = _parse_seeds(args.seeds)
-    jobs = [(s, s + args.planner_seed_offset, args.max_retries, args.max_steps) for s in seeds]
+    goal = None if args.goal is None else tuple(float(v) for v in args.goal.split(","))
+    jobs = [(s, s + args.planner_seed_offset, args.max_retries, args.max_steps, goal) for s in seeds]
     t0 = time.perf_counter()
     if args.workers > 1:
         with Pool(args.workers) as pool:
@@ -223,10 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "seeds": args.seeds,
         "planner_seed_offset": args.planner_seed_offset,
+        "goal": goal,
         "max_steps": args.max_steps,
         "max_retries": args.max_retries,
         "workers": args.workers,
-        "command": "python " + " ".join(sys.argv) if argv is None else "main(" + repr(argv) + ")",
+        "command": "python " + shlex.join(sys.argv) if argv is None else "main(" + repr(argv) + ")",
         "note": args.note,
         "total_wall_s": time.perf_counter() - t0,
         "machine": machine_info(),
