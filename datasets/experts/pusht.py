@@ -152,7 +152,7 @@ class _PlanningModel:
         env.space.damping = sim.space.damping
         env.goal_pose = np.asarray(sim.goal_pose, dtype=np.float64)
         # The env counts contact points in a post-solve callback (~25% of the step time in the prototype); the
-        # planner does not need them. pymunk 6 prints an error per contact for `None`, so install a no-op function instead.
+        # planner does not need them. pymunk 6 prints an error per contact for `None`, so install a no-op instead.
         env.collision_handeler.post_solve = _no_op_post_solve
         self.env = env
         self._space, self._agent, self._block = env.space, env.agent, env.block
