@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .multistep import MultiStepWrapper
-from .registry import available_envs, make_env, register_env
+from .registry import available_envs, env_kwargs_for_obs_keys, make_env, register_env
 
 _PUSHT_EXPORTS = ("PushTEnv", "block_keypoints", "lowdim_keypoint_obs")
 
-__all__ = ["MultiStepWrapper", "available_envs", "make_env", "register_env", *_PUSHT_EXPORTS]
+__all__ = ["MultiStepWrapper", "available_envs", "env_kwargs_for_obs_keys", "make_env", "register_env", *_PUSHT_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

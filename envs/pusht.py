@@ -180,6 +180,22 @@ class PushTSim(_GymPushTEnv):
             self.goal_pose = self.custom_goal_pose.copy()
 
 
+OBS_KEYS_BY_MODE: dict[str, tuple[str, ...]] = {
+    "state": ("state",),
+    "keypoints": ("keypoints",),
+    "image": ("image", "agent_pos"),
+}
+
+
+def obs_mode_for_keys(obs_keys: Sequence[str]) -> str:
+    """The `obs_mode` whose observations include every key in `obs_keys` (e.g. a policy's inputs)."""
+    unknown = [k for k in obs_keys if not any(k in keys for keys in OBS_KEYS_BY_MODE.values())]
+    if unknown:
+        valid = sorted({k for keys in OBS_KEYS_BY_MODE.values() for k in keys})
+        raise ValueError(f"Push-T has no observation keys {unknown}; it observes {valid}")
+    return ",".join(mode for mode, keys in OBS_KEYS_BY_MODE.items() if any(k in obs_keys for k in keys))
+
+
 def _parse_obs_mode(obs_mode: str | Sequence[str]) -> tuple[str, ...]:
     names = obs_mode.split(",") if isinstance(obs_mode, str) else list(obs_mode)
     names = [n.strip() for n in names if n.strip()]

@@ -66,6 +66,41 @@ def _cmd_dataset_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4,8; got '{value}'") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fm_policy.eval.run import eval_checkpoint
+
+    report, paths = eval_checkpoint(
+        args.checkpoint,
+        out_dir=args.out,
+        solver=args.solver,
+        device=args.device,
+        n_videos=args.videos,
+        env=args.env,
+        n_episodes=args.episodes,
+        num_steps=args.num_steps,
+        seed_start=args.seed_start,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(paths["markdown"].read_text())
+    print(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from fm_policy.quickstart import quickstart
+
+    quickstart(episodes=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes, workers=args.workers)
+    return 0
+
+
 def _cmd_envs(args: argparse.Namespace) -> int:
     from fm_policy.envs import available_envs
 
@@ -106,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--keys", type=_csv, help="data keys that must be present, e.g. state,action")
     p.set_defaults(func=_cmd_dataset_validate)
+
+    p = sub.add_parser("eval", help="roll a saved policy out in its simulator: score, success, latency, report")
+    p.add_argument("--checkpoint", required=True, help="a saved policy, e.g. runs/NAME/checkpoints/step_N/ema")
+    p.add_argument("--env", default="pusht")
+    p.add_argument("--episodes", type=int, default=50, help="test episodes, env seeds from --seed-start (default 50)")
+    p.add_argument("--num-steps", type=_ints, default=(1, 2, 4, 8),
+                   help="sampler steps to compare, e.g. 1,2,4,8 (flow: ODE steps; ddpm: sampler steps)")
+    p.add_argument("--solver", help="flow: euler|midpoint|rk4|dopri5; ddpm: ddpm|ddim (default: the saved one)")
+    p.add_argument("--seed-start", type=int, default=100000)
+    p.add_argument("--workers", type=int, default=1, help="env worker processes (default 1: envs in this process)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--videos", type=int, default=0, help="mp4 videos of the first N episodes of each setting")
+    p.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("quickstart", help="the whole loop on Push-T in minutes: collect, train, evaluate")
+    p.add_argument("--episodes", type=int, default=50, help="expert demonstrations to collect (default 50)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--eval-episodes", type=int, default=20, help="test episodes per setting (default 20)")
+    p.add_argument("--workers", type=int, default=2, help="processes for collection (default 2)")
+    p.set_defaults(func=_cmd_quickstart)
 
     sub.add_parser("envs", help="list registered environments").set_defaults(func=_cmd_envs)
     sub.add_parser("train", help="train a policy: same arguments as train-policy (see train-policy --help)")

@@ -142,6 +142,11 @@ class BasePolicy(nn.Module):
         return self.config.n_action_steps
 
     @property
+    def noise_shape(self) -> tuple[int, int]:
+        """Per-sample shape of the initial noise; the harness draws it per episode for paired comparisons."""
+        return (self.config.horizon, self.config.action_dim)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -103,16 +103,16 @@ def train(config: TrainConfig) -> Path:
 
 
 def _rollout_evaluator(config: TrainConfig):
-    from fm_policy.eval.harness import evaluate
+    from fm_policy.eval.run import evaluate_policy
 
     def run(policy) -> dict[str, float]:
-        report = evaluate(policy, env=config.eval.env, env_kwargs=config.eval.env_kwargs,
-                          n_episodes=config.loop.eval_episodes, num_steps=config.loop.eval_num_steps,
-                          seed_start=config.eval.seed_start, progress=False)
+        report = evaluate_policy(policy, config.eval.env, config.eval.env_kwargs, config.loop.eval_episodes,
+                                 config.loop.eval_num_steps, config.eval.seed_start, workers=config.eval.workers,
+                                 progress=False)
         out = {}
         for setting in report.settings:
-            out[f"score_nfe{setting.num_steps}"] = setting.score
-            out[f"success_nfe{setting.num_steps}"] = setting.success_rate
+            out[f"score_steps{setting.num_steps}"] = setting.score.value
+            out[f"success_steps{setting.num_steps}"] = setting.success.value
         return out
 
     return run

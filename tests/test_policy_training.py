@@ -185,3 +185,22 @@ def test_train_policy_cli(store, tmp_path, capsys):
     assert "Did you mean" in capsys.readouterr().err
     assert main(["train", "--config", "no_such_config"]) == 2
     assert "shipped: " in capsys.readouterr().err
+
+
+def test_eval_cli_on_real_pusht(store, tmp_path, capsys):
+    """A saved policy rolls out in the real Push-T env through `fm-policy eval` (2 episodes, 2 settings)."""
+    from fm_policy.cli import main
+
+    checkpoint = train(_config(store, tmp_path / "run", "loop.steps=10"))
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(checkpoint / "ema"), "--episodes", "2", "--num-steps", "1,2",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| num_steps | score [95% CI] | success [95% CI]" in text
+    report = json.loads((out / "eval.json").read_text())
+    assert [s["num_steps"] for s in report["settings"]] == [1, 2]
+    assert all(len(s["episodes"]) == 2 for s in report["settings"])
+    assert report["env_info"]["env_kwargs"] == {"obs_mode": "state"}
+    assert (out / "eval.png").stat().st_size > 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "not a saved policy" in capsys.readouterr().err
