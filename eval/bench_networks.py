@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
 
 import torch
 
+from fm_policy.eval.bench_common import cpu_name, write_results
 from fm_policy.networks import build_velocity_net, count_parameters
 
 HORIZON, ACTION_DIM, COND_DIM = 16, 2, 40
@@ -39,12 +39,6 @@ NETWORKS: list[tuple[str, str, dict[str, Any], bool]] = [
 ]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _median_seconds(fn: Callable[[], None], seconds: float, warmup: int = 3,
@@ -168,7 +162,7 @@ def main() -> None:
     rows = run(args.seconds)
     result = {
         "command": command,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": args.threads,
@@ -178,13 +172,9 @@ def main() -> None:
         "sizes": {"horizon": HORIZON, "action_dim": ACTION_DIM, "cond_dim": COND_DIM},
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    os.makedirs(os.path.dirname(args.md) or ".", exist_ok=True)
-    with open(args.md, "w") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    markdown = to_markdown(result)
+    write_results(result, args.out, args.md, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

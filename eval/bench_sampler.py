@@ -11,15 +11,14 @@ Measures the batched gather alone and through a torch DataLoader with 0 and 2 wo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from fm_policy.eval.bench_common import cpu_name, write_results
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.sampler import SequenceDataset, SequenceSampler, make_dataloader
 
@@ -39,12 +38,6 @@ def synthetic_pusht(n_episodes: int = 206, n_steps: int = 25650, seed: int = 0) 
     return arrays, np.cumsum(lengths)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _rate(fn, n_batches: int) -> float:
@@ -141,18 +134,15 @@ def main() -> None:
     result = {
         "command": "python -m fm_policy.eval.bench_sampler" + (f" --data {args.data}" if args.data else ""),
         "data": data,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "numpy": np.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "rows": run(arrays, ends, args.batches),
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.md, "w") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    markdown = to_markdown(result)
+    write_results(result, args.out, args.md, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ A run directory that already holds checkpoints is resumed from the newest comple
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from fm_policy.checkpoint import CheckpointError, verify_checkpoint_dir, write_checkpoint_dir
-from fm_policy.config import config_to_yaml
-from fm_policy.datasets.policy_data import DataConfig, PolicyData, build_policy_data
+from fm_policy.datasets.policy_data import PolicyData
 from fm_policy.datasets.sampler import make_dataloader
 
 LATEST = "latest"
