@@ -7,6 +7,8 @@ A run directory that already holds checkpoints is resumed from the newest comple
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -92,13 +94,39 @@ def train(config: TrainConfig) -> Path:
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} (step {trainer.step})")
-    start = time.perf_counter()
+    start, first_step = time.perf_counter(), trainer.step
     evaluate = _rollout_evaluator(config) if config.loop.eval_every else None
-    trainer.train(evaluate=evaluate)
-    print(f"trained to step {trainer.step} in {time.perf_counter() - start:.0f} s")
+    history = trainer.train(evaluate=evaluate)
+    seconds = time.perf_counter() - start
+    print(f"trained to step {trainer.step} in {seconds:.0f} s")
+    _append_session(run_dir, {
+        "steps": [first_step, trainer.step], "seconds": round(seconds, 1),
+        "steps_per_s": round((trainer.step - first_step) / max(seconds, 1e-9), 2),
+        "batch_size": config.loop.batch_size, "parameters": n_params, "device": str(trainer.accelerator.device),
+        "hardware": _hardware(trainer.accelerator.device), "torch_threads": torch.get_num_threads(),
+        "final_train_loss": history["loss"][-1] if history["loss"] else None,
+    })
     final = latest_checkpoint(run_dir)
     assert final is not None
     return final
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from fm_policy.eval.bench_common import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+def _append_session(run_dir: Path, session: dict) -> None:
+    """`training_sessions.json`: one entry per (resumed) session, so a run's total time and hardware are on record."""
+    path = run_dir / "training_sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append(session)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sessions, indent=2))
+    os.replace(tmp, path)
 
 
 def _rollout_evaluator(config: TrainConfig):
