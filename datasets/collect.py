@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import fm_policy
 from fm_policy.datasets.recorders import Episode, EpisodeRecorder, make_recorder
 from fm_policy.datasets.replay_buffer import ReplayBuffer
+from fm_policy.datasets.seeds import planner_seed_for
 
 PARTIAL_SUFFIX = ".partial"
 ATTRS_KEY = "fm_policy_collect"
@@ -51,16 +52,6 @@ class CollectConfig:
         """What determines the data: a partial store is resumed only if these match."""
         keep = ("env", "obs", "seed", "max_steps", "max_retries", "zarr_format", "env_kwargs")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
-
-
-def planner_seed_for(seed: int, index: int, attempt: int = 0) -> int:
-    """Planner seed of candidate `index` at retry `attempt` (0 = first try).
-
-    Independent of the env seed, so demos differ in strategy and not only in their start; a retry draws a fresh
-    planner seed because the expert's failures are long, unlucky push sequences, not unsolvable starts.
-    """
-    entropy = [seed, index] if attempt == 0 else [seed, index, attempt]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
 
 
 # ---------------------------------------------------------------- worker side

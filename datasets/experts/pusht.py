@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fm_policy.datasets.seeds import retry_planner_seed
+
 __all__ = [
     "PushTExpertConfig",
     "PushTExpert",
@@ -544,17 +546,6 @@ def run_expert_episode(sim_env: Any, env_seed: int, planner_seed: int, max_steps
         "env_seed": env_seed,
         "planner_seed": planner_seed,
     }
-
-
-def retry_planner_seed(planner_seed: int, attempt: int) -> int:
-    """Planner seed of retry `attempt` (0 = the original seed); a fixed hash of (planner_seed, attempt).
-
-    Failures are time-outs on long episodes, which another sampling sequence usually solves; deriving the seed
-    deterministically keeps a dataset with retries reproducible from its planner seeds.
-    """
-    if attempt == 0:
-        return planner_seed
-    return int(np.random.SeedSequence([planner_seed, attempt]).generate_state(1)[0])
 
 
 def run_expert_episode_with_retries(sim_env: Any, env_seed: int, planner_seed: int, max_retries: int = 2,

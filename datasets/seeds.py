@@ -1,0 +1,23 @@
+"""Seed derivations for demonstrations: one place, so collection, benchmarks and tests agree on every seed.
+
+Candidate episode i of a dataset with seed S starts from env seed S + i; its planner seed comes from (S, i), so demos
+differ in strategy and not only in their start; a failed attempt is retried with a planner seed derived from the
+first one, because the expert's failures are long, unlucky push sequences rather than unsolvable starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def retry_planner_seed(planner_seed: int, attempt: int) -> int:
+    """Planner seed of retry `attempt` (0 = `planner_seed` itself): a fixed hash of (planner_seed, attempt)."""
+    if attempt == 0:
+        return planner_seed
+    return int(np.random.SeedSequence([planner_seed, attempt]).generate_state(1)[0])
+
+
+def planner_seed_for(seed: int, index: int, attempt: int = 0) -> int:
+    """Planner seed of candidate `index` of a dataset with seed `seed`, at retry `attempt`."""
+    first = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+    return retry_planner_seed(first, attempt)
