@@ -204,3 +204,16 @@ def test_eval_cli_on_real_pusht(store, tmp_path, capsys):
     assert (out / "eval.png").stat().st_size > 0
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "not a saved policy" in capsys.readouterr().err
+
+
+def test_periodic_rollout_evaluation_logs_to_tensorboard(store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train(_config(store, run_dir, "loop.steps=10", "loop.eval_every=10", "loop.eval_episodes=1",
+                  "loop.eval_num_steps=[1]"))
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert {"eval/score_steps1", "eval/success_steps1"} <= set(events.Tags()["scalars"])
+    sessions = json.loads((run_dir / "training_sessions.json").read_text())
+    assert sessions[-1]["steps"] == [0, 10] and sessions[-1]["parameters"] > 0
