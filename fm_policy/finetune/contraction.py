@@ -1,0 +1,308 @@
+"""Measuring contraction and robustness of a sampler's velocity field (docs: mle_finetuning.md sections 5.2, 5.3).
+
+Two measurements, both on the flattened action chunk x (B, d), d = horizon * action_dim:
+
+* the logarithmic norm mu(J) = lambda_max((J + J^T) / 2) of the field's Jacobian J = dv/dx along sampled
+  trajectories: negative values mean nearby trajectories converge at that (t, x). Exact (d backward passes per
+  point: cheap for Push-T's d = 32) or by shifted power iteration with vector-Jacobian products for large d;
+* a perturbation test: a disturbance of norm delta added to the initial noise, or to the state at time t_d, and how
+  far the final chunk moves (its norm, and its ratio to delta: the empirical incremental gain of the sampler).
+
+For a residual policy the Jacobian statistics are reported for the full field, the frozen base and the residual
+alone, next to the residual's certified rate, so the residual's by-construction bound can be checked against the
+measurement and against the base field's expansion it has to beat. `analyze_flow(checkpoint)` runs it all on a
+saved policy; every result is a flat dict of floats.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fm_policy.flow_matching import sample_noise
+from fm_policy.solvers import solve
+
+FlatField = Callable[[Tensor], Tensor]  # (B, d) -> (B, d), samples independent of each other
+
+
+def _jacobian(fn: FlatField, x: Tensor) -> Tensor:
+    """Per-sample Jacobians (B, d, d) of fn at x (B, d), one backward pass per output coordinate.
+
+    Relies on sample independence (no batch statistics), true of the velocity networks in eval mode.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(x)
+        rows = [torch.autograd.grad(y[:, k].sum(), x, retain_graph=k + 1 < y.shape[1], allow_unused=True)[0]
+                for k in range(y.shape[1])]
+    rows = [torch.zeros_like(x) if r is None else r for r in rows]
+    return torch.stack(rows, dim=1).detach()
+
+
+def _sym_matvec(fn: FlatField, x: Tensor, v: Tensor) -> Tensor:
+    """((J + J^T) / 2) v with reverse mode only: J^T v by a VJP, J v by differentiating the VJP in its cotangent."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(x)
+        u = torch.zeros_like(y, requires_grad=True)
+        jt_u = torch.autograd.grad(y, x, u, create_graph=True)[0]  # linear in u
+        jv = torch.autograd.grad(jt_u, u, v)[0]
+        jt_v = torch.autograd.grad(y, x, v)[0]
+    return 0.5 * (jv + jt_v)
+
+
+def _power_max_eig(fn: FlatField, x: Tensor, iters: int, generator: torch.Generator | None) -> Tensor:
+    """lambda_max of the symmetric part by shifted power iteration (a lower bound that tightens with iters).
+
+    First |lambda|_max = rho by plain power iteration, then power iteration on S + rho I, whose top eigenvalue is
+    lambda_max + rho; the Rayleigh quotient of the final vector is returned.
+    """
+    def rayleigh(v: Tensor) -> Tensor:
+        return (v * _sym_matvec(fn, x, v)).sum(-1)
+
+    def random_unit() -> Tensor:
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return v / v.norm(dim=-1, keepdim=True)
+
+    v = random_unit()
+    for _ in range(iters):
+        w = _sym_matvec(fn, x, v)
+        v = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    rho = rayleigh(v).abs()[:, None]
+    v = random_unit()  # not the -rho eigenvector that S + rho I annihilates
+    for _ in range(iters):
+        w = _sym_matvec(fn, x, v) + rho * v
+        v = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return rayleigh(v).detach()
+
+
+def sym_jacobian_max_eig(fn: FlatField, x: Tensor, method: str = "exact", iters: int = 30,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample mu(J) = lambda_max((J + J^T) / 2) of fn at x (B, d) -> (B,).
+
+    method "exact": full Jacobian and a symmetric eigensolver (float64); "power": shifted power iteration (no d x d
+    matrix; for large d), a slightly low estimate.
+    """
+    if method == "exact":
+        jac = _jacobian(fn, x).double()
+        return torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))[:, -1].to(x.dtype)
+    if method == "power":
+        return _power_max_eig(fn, x, iters, generator)
+    raise ValueError(f"unknown method '{method}'; choose exact or power")
+
+
+ChunkField = Callable[[Tensor, Tensor], Tensor]  # velocity(t (B,), x (B, H, A)) -> (B, H, A)
+
+
+def _flat(field: ChunkField, t: Tensor, shape: torch.Size) -> FlatField:
+    return lambda x: field(t, x.reshape(shape)).reshape(shape[0], -1)
+
+
+def contraction_along_trajectories(
+    fields: Mapping[str, ChunkField], drive: ChunkField, x0: Tensor, num_steps: int = 8, solver: str = "euler",
+    method: str = "exact",
+) -> dict[str, float]:
+    """mu(J) of each named field at the states of the `drive` field's trajectories from x0 (B, H, A).
+
+    The trajectory is the deployed sampler's (solver, num_steps); Jacobians are taken at the grid states
+    t_0 .. t_{N-1} (where the sampler evaluates the field). Keys: `jac_<name>_{max,mean,min}` over all points and
+    `jac_<name>_max_t<t>` per grid time.
+    """
+    with torch.no_grad():
+        result = solve(drive, x0, solver, num_steps, return_trajectory=True)
+    out: dict[str, float] = {}
+    per_field: dict[str, list[Tensor]] = {name: [] for name in fields}
+    for i in range(num_steps):
+        t_value = float(result.times[i])
+        t = torch.full((x0.shape[0],), t_value, dtype=x0.dtype, device=x0.device)
+        x = result.trajectory[i].reshape(x0.shape[0], -1)
+        for name, field in fields.items():
+            eig = sym_jacobian_max_eig(_flat(field, t, x0.shape), x, method)
+            per_field[name].append(eig)
+            out[f"jac_{name}_max_t{t_value:.3f}"] = float(eig.max())
+    for name, eigs in per_field.items():
+        stacked = torch.cat(eigs)
+        out[f"jac_{name}_max"] = float(stacked.max())
+        out[f"jac_{name}_mean"] = float(stacked.mean())
+        out[f"jac_{name}_min"] = float(stacked.min())
+    return out
+
+
+def _unit_directions(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    u = torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
+    return u / u.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+@torch.no_grad()
+def perturbation_test(
+    velocity: ChunkField, x0: Tensor, num_steps: int = 8, solver: str = "euler", delta: float = 1e-2,
+    t_disturb: float = 0.5, generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """How far the final chunk moves when a random disturbance of norm `delta` is injected.
+
+    * `noise`: added to the initial noise x0;
+    * `mid`: added to the state at grid time t_k, k = round(t_disturb * num_steps) (reported as `mid_t`), then the
+      same sampler continues for the remaining steps (k = 0 is the noise case; k = num_steps moves the output by
+      exactly delta).
+    Keys: `perturb_<where>_{mean,max}` (final displacement norm, normalised action units) and
+    `gain_<where>_{mean,max}` (displacement / delta).
+    """
+    ref = solve(velocity, x0, solver, num_steps, return_trajectory=True)
+    out: dict[str, float] = {}
+
+    def record(where: str, moved: Tensor) -> None:
+        dist = (moved - ref.x).flatten(1).norm(dim=1)
+        out[f"perturb_{where}_mean"] = float(dist.mean())
+        out[f"perturb_{where}_max"] = float(dist.max())
+        out[f"gain_{where}_mean"] = float(dist.mean() / delta)
+        out[f"gain_{where}_max"] = float(dist.max() / delta)
+
+    record("noise", solve(velocity, x0 + delta * _unit_directions(x0.shape, generator, x0), solver, num_steps).x)
+    k = min(max(round(t_disturb * num_steps), 0), num_steps)
+    t_k = float(ref.times[k])
+    state = ref.trajectory[k] + delta * _unit_directions(x0.shape, generator, x0)
+    moved = solve(velocity, state, solver, num_steps - k, t0=t_k, t1=1.0).x if k < num_steps else state
+    record("mid", moved)
+    out["mid_t"] = t_k
+    return out
+
+
+@torch.no_grad()
+def analyze_policy(
+    policy: torch.nn.Module, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
+    delta: float = 1e-2, t_disturb: float = 0.5, seed: int = 0, jacobian: str = "exact",
+) -> dict[str, float]:
+    """Contraction and perturbation statistics of a flow(-residual) policy for an observation batch.
+
+    Uses the policy's deployed solver / step count unless given. Jacobian stats for `full` (the sampled field), and
+    for a residual policy also `base` and `residual`, plus `certified_rate_{min,mean}` (the residual's by-construction
+    rate, 0 when it has none to give). Everything is in normalised action units.
+    """
+    if not hasattr(policy, "velocity"):
+        raise ValueError(f"{type(policy).__name__} has no velocity field: contraction analysis is for flow policies")
+    policy.eval()
+    steps = num_steps or policy.config.num_inference_steps
+    method = solver or policy.config.solver
+    generator = torch.Generator().manual_seed(seed)
+    cond = policy.encode_obs(obs)
+    batch = cond.shape[0]
+    noise = sample_noise((batch, *policy.noise_shape), generator=generator).to(cond.device)
+
+    def full(t: Tensor, x: Tensor) -> Tensor:
+        return policy.velocity(t, x, cond)
+
+    fields: dict[str, ChunkField] = {"full": full}
+    residual = getattr(policy, "residual", None)
+    out: dict[str, float] = {"n": float(batch), "num_steps": float(steps), "delta": delta}
+    if residual is not None:
+        fields["base"] = lambda t, x: policy.base_velocity(t, x, cond)
+        fields["residual"] = lambda t, x: residual(t, x, cond)
+        rates = []
+        for t_value in torch.linspace(0, 1, steps + 1)[:-1].tolist():
+            rate = residual.guaranteed_rate(torch.full((batch,), t_value, device=cond.device), cond)
+            rates.append(torch.zeros(batch) if rate is None else rate.detach().cpu().reshape(-1).expand(batch))
+        rates_t = torch.cat(rates)
+        out["certified_rate_min"] = float(rates_t.min())
+        out["certified_rate_mean"] = float(rates_t.mean())
+    out.update(contraction_along_trajectories(fields, full, noise, steps, method, jacobian))
+    out.update(perturbation_test(full, noise, steps, method, delta, t_disturb, generator))
+    return out
+
+
+@torch.no_grad()
+def code_statistics(policy: torch.nn.Module, obs: Mapping[str, Tensor], actions: Tensor, solver: str = "rk4",
+                    num_steps: int = 16, reference_tol: float = 1e-6) -> dict[str, float]:
+    """Noise codes of data chunks under the policy's field (what MLE fine-tuning pairs data with, notes 7.1).
+
+    The (B, H, A) env-unit actions are encoded backward twice: with (solver, num_steps), the MLE encode setting, and
+    with dopri5 at rtol = atol = reference_tol. Reported: `code_abs_mean` (mean |per-element mean|) and `code_std`
+    (mean per-element std) of the reference codes, 0 and 1 for a field that transports N(0, I) exactly, and
+    `code_encode_rmse`, the RMS error of the encode setting against the reference. Only the latter tells whether the
+    encode is accurate: a same-solver encode-decode round trip closes even when the codes are wrong (the errors of
+    the two directions cancel), and fields with fast time features need many more steps than smooth ones.
+    """
+    cond = policy.encode_obs(obs)
+    x1 = policy.normalizer.normalize("action", actions.to(cond.device, torch.float32))
+
+    def field(t: Tensor, x: Tensor) -> Tensor:
+        return policy.velocity(t, x, cond)
+
+    codes = solve(field, x1, solver, num_steps, t0=1.0, t1=0.0).x
+    reference = solve(field, x1, "dopri5", 1, t0=1.0, t1=0.0, rtol=reference_tol, atol=reference_tol).x
+    flat = reference.flatten(1)
+    return {
+        "code_abs_mean": float(flat.mean(0).abs().mean()),
+        "code_std": float(flat.std(0).mean()) if flat.shape[0] > 1 else math.nan,
+        "code_encode_rmse": float((codes - reference).square().mean().sqrt()),
+    }
+
+
+def _pretraining_run_config(checkpoint_dir: Path) -> dict | None:
+    """The config.yaml of the training run a checkpoint (run/checkpoints/step_N/{policy,ema}) belongs to."""
+    import yaml
+
+    for parent in list(checkpoint_dir.resolve().parents)[:4]:
+        path = parent / "config.yaml"
+        if path.exists():
+            return yaml.safe_load(path.read_text())
+    return None
+
+
+def _observation_batch(policy: torch.nn.Module, checkpoint_dir: Path, data_path: str | None, n: int,
+                       seed: int) -> tuple[dict[str, Tensor], Tensor | None]:
+    """n observation windows (and their action chunks) from the data store, or, without data, observations drawn
+    uniformly inside the normaliser's fitted range (actions None)."""
+    from fm_policy.datasets.policy_data import DataConfig, build_policy_data
+
+    data_cfg: DataConfig | None = None
+    if data_path is not None:
+        data_cfg = DataConfig(path=data_path)
+    else:
+        run = _pretraining_run_config(checkpoint_dir)
+        data = (run or {}).get("data") or {}
+        if data.get("path") and os.path.exists(data["path"]):
+            data_cfg = DataConfig(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__})
+    rng = np.random.default_rng(seed)
+    if data_cfg is not None:
+        data_cfg.obs_keys = list(policy.obs_shapes)
+        cfg = policy.config
+        windows = build_policy_data(data_cfg, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps).train
+        batch = windows[rng.choice(len(windows), size=min(n, len(windows)), replace=False)]
+        return {k: batch[k] for k in policy.obs_shapes}, batch["action"]
+    obs = {}
+    for key, shape in policy.obs_shapes.items():
+        stats = policy.normalizer.stats(key)
+        u = torch.from_numpy(rng.random((n, policy.n_obs_steps, *shape), dtype=np.float32))
+        obs[key] = stats["min"] + u * (stats["max"] - stats["min"])
+    return obs, None
+
+
+def analyze_flow(
+    checkpoint_dir: str | os.PathLike, data_path: str | None = None, n: int = 64, num_steps: int | None = None,
+    solver: str | None = None, delta: float = 1e-2, t_disturb: float = 0.5, seed: int = 0, jacobian: str = "exact",
+    device: str = "cpu",
+) -> dict[str, float]:
+    """`fm-policy analyze-flow --checkpoint DIR`: contraction, perturbation and code statistics of a saved policy.
+
+    Observations come from `data_path`, else from the store of the training run the checkpoint belongs to, else are
+    drawn inside the normaliser's range (`from_data` says which: 1 or 0). With data, the Gaussianity of the data's
+    noise codes (`code_*`) is reported too.
+    """
+    import fm_policy.finetune.residual  # noqa: F401  (registers the residual policy type)
+    from fm_policy.policy import load_policy
+
+    checkpoint_dir = Path(checkpoint_dir)
+    policy = load_policy(checkpoint_dir, device=device)
+    obs, actions = _observation_batch(policy, checkpoint_dir, data_path, n, seed)
+    obs = {k: v.to(device) for k, v in obs.items()}
+    out = {"from_data": float(actions is not None)}
+    out.update(analyze_policy(policy, obs, num_steps, solver, delta, t_disturb, seed, jacobian))
+    if actions is not None:
+        out.update(code_statistics(policy, obs, actions))
+    return out

@@ -1,0 +1,357 @@
+"""Contracting residual velocity fields r(t, x | cond) and the residual flow policy v = v_pre + r (ResFT-FM).
+
+Why: the MLE notes (docs: mle_finetuning.md, sections 2.2, 3.3, 7.6) recommend fine-tuning a *frozen* pre-trained
+field through an added residual whose Jacobian in x has a negative semi-definite symmetric part *by construction*,
+i.e. for any value of its weights, so that no training step can make the residual itself amplify errors. Every
+residual here acts on the flattened chunk x (B, d), d = horizon * action_dim, and is conditioned on the flow time
+and the observation embedding only through terms that do not depend on x (so conditioning never breaks the bound).
+
+Kinds and the exact guarantee each gives, with J = dr/dx and mu(J) = lambda_max((J + J^T) / 2):
+
+* ``monotone`` ("viscous": a drift plus the negative gradient of a convex potential):
+
+      r = p(t, c) - nu(t, c) W^T s(W x + b(t, c)) - eps x,    s(u) = beta u + (1 - beta) tanh(u),  s' in [beta, 1]
+
+  J = -nu W^T diag(s') W - eps I is symmetric, so mu(J) <= -(eps + nu(t, c) beta sigma_min(W)^2) <= -eps for every
+  W, b, p, nu > 0 (nu = softplus), x, t, c. sigma_min(W) is the d-th singular value of the (m x d) matrix W (0 when
+  m < d). W and the drift head start at exactly 0, so the residual starts at -eps x (exactly 0 with the default
+  eps = 0); W still gets a first-order gradient at 0 because s(b) != 0 for the random initial bias network.
+
+* ``damped`` (damped Lipschitz residual):
+
+      r = p(t, c) - k(t, c) [ x - rho h(t, x, c) ] - eps x,      Lip_x(h) <= 1,  rho = lip_ratio < 1
+
+  i.e. -k (x - m) + g with m = p / k and g = k rho h, Lip_x(g) <= rho k < k, but with the drift p not gated by k: a
+  shift of the sampler can then be learned before (or without) any damping, which the k-gated form cannot do.
+
+  h = W2 tanh(W1 x + b1(t, c)) / (||W1||_2 ||W2||_2) with the *exact* spectral norms (an SVD of two small matrices per
+  call; power iteration, as in torch's spectral_norm, under-estimates the norm and would not give a guarantee).
+  Hence mu(J) <= -(eps + (1 - rho) k(t, c)) <= -eps for every weight value. k = gamma * softplus(a(t, c)) with a
+  scalar gate gamma = max(g, 0) that starts at g = 0, so the residual starts at -eps x (exactly 0 when eps = 0). The
+  gate's gradient is passed straight through (as if gamma = g), so the gate cannot get stuck at 0 when the loss
+  first pushes it negative; its forward value is never negative, which is all the guarantee needs.
+
+* ``free`` (ablation, no guarantee): an MLP of (x, time embedding, cond) with a zero output layer.
+
+The x-independent drift p(t, c) does not enter J, so it is free: it plays the role of the exogenous input of the
+residual system in the notes' ISS framing (section 2.2).
+
+Limitation (measured on a toy problem, see tests/test_mle_finetune.py): because mu(dv/dx) can only go *down* when a
+contracting residual is added, the residual cannot make the sampler more expansive. With the inversion pairing and
+1 Euler step, the pre-trained decode z -> z + v(0, z) is nearly constant in z (it returns about the conditional mean),
+and the correction it needs is an expansion, so a contracting residual barely helps at N = 1 (full fine-tuning or a
+`free` residual does); at N >= 2-4 it does reduce the reconstruction error.
+
+Zero init and a strictly positive guaranteed rate are incompatible for *any* parameterisation: a field that is
+identically 0 has J = 0. So `eps` (default 0) is the rate that holds from the first step on; with eps = 0 the
+residual is exactly zero at init (the residual policy then reproduces the base policy bit for bit) and its learned
+rate (`guaranteed_rate`) grows from 0 as W / the gate move away from zero. `guaranteed_rate(t, cond)` returns the
+certified per-sample rate, which `fm_policy.finetune.contraction` compares with measured Jacobians.
+
+Caveat (notes 3.3): contraction of r alone does not make v_pre + r contracting; that needs the residual's rate to
+exceed the base field's positive log-norm (measure both with `fm_policy.finetune.contraction`). A very stiff residual
+also needs small enough Euler steps (dt * ||J|| <~ 1-2), so keep eps modest at 1-step inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fm_policy.policy as _policy_module
+from fm_policy.checkpoint import write_checkpoint_dir
+from fm_policy.config import ConfigError
+from fm_policy.flow_policy import FlowPolicy
+from fm_policy.networks.embeddings import SinusoidalTimeEmbedding
+from fm_policy.normalizer import Normalizer
+from fm_policy.policy import CONFIG_FILE, PolicyConfig, register_policy
+
+RESIDUAL_POLICY_TYPE = "flow_residual"
+RESIDUAL_KINDS: tuple[str, ...] = ("monotone", "damped", "free")
+_SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1: scale heads start at 1
+
+# Until fm_policy.policy.POLICY_NAMES lists the residual policy type, PolicyConfig.validate() would reject it; extend
+# the tuple at import (a no-op once policy.py names it).
+if RESIDUAL_POLICY_TYPE not in _policy_module.POLICY_NAMES:
+    _policy_module.POLICY_NAMES = (*_policy_module.POLICY_NAMES, RESIDUAL_POLICY_TYPE)
+
+
+@dataclass
+class ResidualConfig:
+    """Architecture of the residual field; saved in the residual policy's config.json under "residual"."""
+
+    kind: str = "monotone"  # monotone | damped | free
+    width: int = 64  # monotone: number of units m (m >= d gives a full-rank learned rate); damped/free: hidden width
+    cond_hidden: int = 128  # conditioning MLP of (time embedding, obs embedding)
+    time_embed_dim: int = 32
+    eps: float = 0.0  # contraction rate guaranteed for all weights; > 0 means the residual starts at -eps x, not 0
+    slope_min: float = 0.1  # monotone: slope range [slope_min, 1] of s, so the learned rate is >= 0 beta sigma_min^2
+    lip_ratio: float = 0.5  # damped: Lip_x(g) <= lip_ratio * k, rate (1 - lip_ratio) k
+
+    def validate(self) -> None:
+        if self.kind not in RESIDUAL_KINDS:
+            raise ConfigError(f"residual.kind '{self.kind}' is unknown; choose one of {list(RESIDUAL_KINDS)}")
+        if self.width < 1 or self.cond_hidden < 1:
+            raise ConfigError("residual.width and residual.cond_hidden must be >= 1")
+        if self.time_embed_dim < 4 or self.time_embed_dim % 2:
+            raise ConfigError(f"residual.time_embed_dim must be even and >= 4, got {self.time_embed_dim}")
+        if self.eps < 0:
+            raise ConfigError(f"residual.eps must be >= 0, got {self.eps}")
+        if not 0.0 <= self.slope_min <= 1.0:
+            raise ConfigError(f"residual.slope_min must be in [0, 1], got {self.slope_min}")
+        if not 0.0 <= self.lip_ratio < 1.0:
+            raise ConfigError(f"residual.lip_ratio must be in [0, 1), got {self.lip_ratio}")
+
+
+class _Conditioner(nn.Module):
+    """(t, cond) -> features: sinusoidal time embedding and the obs embedding through a 2-layer SiLU MLP."""
+
+    def __init__(self, cond_dim: int, hidden: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim, scale=1000.0)  # same t scale as the base nets
+        self.mlp = nn.Sequential(nn.Linear(time_embed_dim + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU())
+
+    def forward(self, t: Tensor, cond: Tensor) -> Tensor:
+        return self.mlp(torch.cat([self.time_embed(t).to(cond.dtype), cond], dim=-1))
+
+
+def _scale_head(hidden: int) -> nn.Linear:
+    """A head whose softplus starts at exactly 1 for every input (zero weights, bias softplus^-1(1))."""
+    head = nn.Linear(hidden, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, _SOFTPLUS_ONE)
+    return head
+
+
+def _zero_head(hidden: int, out: int) -> nn.Linear:
+    """A linear head that outputs exactly 0 at init and still gets a gradient (its input features are not 0)."""
+    head = nn.Linear(hidden, out)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class _StraightThroughReLU(torch.autograd.Function):
+    """max(g, 0) forward, identity backward: a non-negative gate that a negative step cannot freeze."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor) -> Tensor:
+        return g.clamp(min=0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class ResidualField(nn.Module):
+    """Base class: r(t (B,), x (B, H, A), cond (B, C)) -> (B, H, A); `guaranteed_rate` -> (B,) or None."""
+
+    def __init__(self, horizon: int, action_dim: int, cond_dim: int, config: ResidualConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.chunk_shape = (horizon, action_dim)
+        self.dim = horizon * action_dim
+        self.cond_dim = cond_dim
+
+    def forward(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], self.dim)
+        return self.flat(t, flat, cond).reshape(x.shape)
+
+    def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The residual on flattened chunks x (B, d)."""
+        raise NotImplementedError
+
+    def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor | None:  # pragma: no cover - abstract
+        """Per-sample c with lambda_max(sym(dr/dx)) <= -c at every x, for the current weights (None: no bound)."""
+        raise NotImplementedError
+
+
+class MonotoneResidual(ResidualField):
+    """r = p(t, c) - nu(t, c) W^T s(W x + b(t, c)) - eps x (see the module docstring for the guarantee)."""
+
+    def __init__(self, horizon: int, action_dim: int, cond_dim: int, config: ResidualConfig) -> None:
+        super().__init__(horizon, action_dim, cond_dim, config)
+        self.cond_net = _Conditioner(cond_dim, config.cond_hidden, config.time_embed_dim)
+        self.weight = nn.Parameter(torch.zeros(config.width, self.dim))  # W = 0: r starts at -eps x
+        self.bias_head = nn.Linear(config.cond_hidden, config.width)  # random: s(b) != 0, so W learns at once
+        self.scale_head = _scale_head(config.cond_hidden)
+        self.drift_head = _zero_head(config.cond_hidden, self.dim)
+
+    def _activation(self, u: Tensor) -> Tensor:
+        beta = self.config.slope_min
+        return beta * u + (1.0 - beta) * torch.tanh(u)
+
+    def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        h = self.cond_net(t, cond)
+        nu = F.softplus(self.scale_head(h))  # (B, 1), > 0
+        pre = x @ self.weight.T + self.bias_head(h)  # (B, m)
+        out = self.drift_head(h) - nu * (self._activation(pre) @ self.weight)
+        return out - self.config.eps * x if self.config.eps else out
+
+    def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor:
+        nu = F.softplus(self.scale_head(self.cond_net(t, cond))).squeeze(-1)
+        svals = torch.linalg.svdvals(self.weight)  # min(m, d) values, descending
+        sigma_min = svals[-1] if self.weight.shape[0] >= self.dim else svals.new_zeros(())
+        return self.config.eps + nu * self.config.slope_min * sigma_min.square()
+
+
+class DampedLipschitzResidual(ResidualField):
+    """r = p(t, c) - k(t, c) [x - rho h(t, x, c)] - eps x with Lip_x(h) <= 1 exactly (module docstring)."""
+
+    _NORM_FLOOR = 1e-6  # dividing by max(||W||, floor) keeps Lip <= 1 and avoids 0/0 for a vanishing matrix
+
+    def __init__(self, horizon: int, action_dim: int, cond_dim: int, config: ResidualConfig) -> None:
+        super().__init__(horizon, action_dim, cond_dim, config)
+        self.cond_net = _Conditioner(cond_dim, config.cond_hidden, config.time_embed_dim)
+        self.drift_head = _zero_head(config.cond_hidden, self.dim)
+        self.in_bias_head = nn.Linear(config.cond_hidden, config.width)
+        self.w1 = nn.Parameter(torch.empty(config.width, self.dim))
+        self.w2 = nn.Parameter(torch.empty(self.dim, config.width))
+        nn.init.orthogonal_(self.w1)
+        nn.init.orthogonal_(self.w2)
+        self.rate_head = _scale_head(config.cond_hidden)
+        self.gate = nn.Parameter(torch.zeros(()))  # k = max(gate, 0) softplus(a): exactly 0 at init
+
+    def _k(self, h: Tensor) -> Tensor:
+        return _StraightThroughReLU.apply(self.gate) * F.softplus(self.rate_head(h))  # (B, 1), >= 0
+
+    def _lipschitz_part(self, x: Tensor, h: Tensor) -> Tensor:
+        n1 = torch.linalg.matrix_norm(self.w1, ord=2).clamp_min(self._NORM_FLOOR)
+        n2 = torch.linalg.matrix_norm(self.w2, ord=2).clamp_min(self._NORM_FLOOR)
+        hidden = torch.tanh(x @ self.w1.T + self.in_bias_head(h))
+        return (hidden @ self.w2.T) / (n1 * n2)
+
+    def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        h = self.cond_net(t, cond)
+        inner = x - self.config.lip_ratio * self._lipschitz_part(x, h)
+        out = self.drift_head(h) - self._k(h) * inner
+        return out - self.config.eps * x if self.config.eps else out
+
+    def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor:
+        k = self._k(self.cond_net(t, cond)).squeeze(-1)
+        return self.config.eps + (1.0 - self.config.lip_ratio) * k
+
+
+class FreeResidual(ResidualField):
+    """Unconstrained MLP residual (ablation: what the contracting kinds are compared against); no guarantee."""
+
+    def __init__(self, horizon: int, action_dim: int, cond_dim: int, config: ResidualConfig) -> None:
+        super().__init__(horizon, action_dim, cond_dim, config)
+        self.time_embed = SinusoidalTimeEmbedding(config.time_embed_dim, scale=1000.0)
+        width = config.width
+        self.body = nn.Sequential(nn.Linear(self.dim + config.time_embed_dim + cond_dim, width), nn.SiLU(),
+                                  nn.Linear(width, width), nn.SiLU())
+        self.out = nn.Linear(width, self.dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        out = self.out(self.body(torch.cat([x, self.time_embed(t).to(x.dtype), cond], dim=-1)))
+        return out - self.config.eps * x if self.config.eps else out
+
+    def guaranteed_rate(self, t: Tensor, cond: Tensor) -> None:
+        return None
+
+
+_RESIDUALS: dict[str, type[ResidualField]] = {
+    "monotone": MonotoneResidual,
+    "damped": DampedLipschitzResidual,
+    "free": FreeResidual,
+}
+
+
+def build_residual(config: ResidualConfig, horizon: int, action_dim: int, cond_dim: int) -> ResidualField:
+    """The residual field of `config.kind` for chunks (horizon, action_dim) and a cond_dim-wide condition."""
+    config.validate()
+    return _RESIDUALS[config.kind](horizon, action_dim, cond_dim, config)
+
+
+def _residual_config_from(values: dict[str, Any] | None) -> ResidualConfig:
+    if values is None:
+        return ResidualConfig()
+    unknown = sorted(set(values) - set(ResidualConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"residual config has unknown keys {unknown}")
+    return ResidualConfig(**values)
+
+
+@register_policy(RESIDUAL_POLICY_TYPE)
+class ResidualFlowPolicy(FlowPolicy):
+    """A frozen pre-trained flow policy plus a trainable residual field: v = base(t, x | o) + r(t, x | o).
+
+    Built for fine-tuning with `from_base(pretrained, residual_config)`; saves and loads like any policy
+    (`save_pretrained` / `load_policy`): config.json holds the usual policy config (type "flow_residual", the base
+    network's architecture) plus a top-level "residual" entry with the residual's `ResidualConfig`; the weights file
+    holds base and residual, so the checkpoint is self-contained. Sampling (`predict_action_chunk`, any solver) and
+    the default `compute_loss` (flow matching of the combined field) are FlowPolicy's; the MLE objective comes from
+    wrapping it in `fm_policy.finetune.mle.MLEFinetunePolicy`.
+    """
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer, residual: ResidualConfig | None = None):
+        super().__init__(config, normalizer)
+        self.residual_config = residual if residual is not None else ResidualConfig()
+        self.residual = self._build_residual(self.residual_config)
+        for module in (self.net, self.encoder):  # the base stays the pre-trained field
+            module.requires_grad_(False)
+
+    def _build_residual(self, residual: ResidualConfig) -> ResidualField:
+        return build_residual(residual, self.config.horizon, self.config.action_dim, self.encoder.output_dim)
+
+    @classmethod
+    def from_base(cls, base: FlowPolicy, residual: ResidualConfig | None = None) -> ResidualFlowPolicy:
+        """Wrap a pre-trained flow policy (its weights and normaliser are copied; `base` is left untouched)."""
+        if type(base) is not FlowPolicy:
+            raise TypeError(f"the base of a residual policy must be a plain FlowPolicy, got {type(base).__name__}")
+        config = copy.deepcopy(base.config)
+        config.type = RESIDUAL_POLICY_TYPE
+        policy = cls(config, copy.deepcopy(base.normalizer), residual).to(base.device)
+        missing, unexpected = policy.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("residual.") for k in missing), (missing, unexpected)
+        return policy
+
+    def base_velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        """The frozen pre-trained field (what MLE fine-tuning inverts data chunks with)."""
+        return self.net(x, t, cond)
+
+    def velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        return self.net(x, t, cond) + self.residual(t, x, cond)
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
+        """FlowPolicy's files, with the residual's config added to config.json (read back by `load_weights`)."""
+
+        def write(folder: Path) -> None:
+            super(ResidualFlowPolicy, self).save_pretrained(folder, atomic=False)
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+            meta["residual"] = asdict(self.residual_config)
+            (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+        if atomic:
+            return write_checkpoint_dir(directory, write)
+        write(Path(directory))
+        return Path(directory)
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Rebuild the residual from config.json's "residual" entry when it differs, then load the weights.
+
+        `BasePolicy.from_pretrained` constructs a policy from the PolicyConfig alone and then calls this, so this is
+        where the residual's architecture is restored. An unchanged config keeps the existing parameter objects
+        (a resumed optimiser / EMA keeps pointing at them).
+        """
+        meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        saved = _residual_config_from(meta.get("residual"))
+        if saved != self.residual_config:
+            self.residual_config = saved
+            self.residual = self._build_residual(saved).to(self.device)
+        super().load_weights(directory)

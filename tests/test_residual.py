@@ -1,0 +1,173 @@
+"""Contracting residual fields: the by-construction Jacobian bound for random weights, exact zero init, the residual
+policy reproducing its base bit for bit, learning from zero init, and save/load through `load_policy`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fm_policy.finetune.contraction import sym_jacobian_max_eig
+from fm_policy.finetune.residual import (
+    RESIDUAL_POLICY_TYPE,
+    ResidualConfig,
+    ResidualFlowPolicy,
+    build_residual,
+)
+from fm_policy.flow_policy import FlowPolicy
+from fm_policy.normalizer import Normalizer
+from fm_policy.policy import NetworkConfig, PolicyConfig, load_policy
+
+torch.set_num_threads(1)
+HORIZON, ACTION_DIM, COND_DIM = 4, 2, 3
+CONTRACTING = ("monotone", "damped")
+
+
+def _perturb(module: torch.nn.Module, scale: float, seed: int) -> None:
+    """Move every weight away from its (zero) initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def _base_policy(seed: int = 0) -> FlowPolicy:
+    torch.manual_seed(seed)
+    config = PolicyConfig(type="flow", n_obs_steps=2, horizon=HORIZON, n_action_steps=2,
+                          network=NetworkConfig(kind="mlp", hidden_dims=[32, 32], time_embed_dim=16),
+                          obs_shapes={"state": [COND_DIM]}, action_dim=ACTION_DIM)
+    rng = np.random.default_rng(seed)
+    normalizer = Normalizer.fit({"state": rng.uniform(0, 5, (50, COND_DIM)).astype(np.float32),
+                                 "action": rng.uniform(-3, 3, (50, ACTION_DIM)).astype(np.float32)})
+    return FlowPolicy(config, normalizer).eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(CONTRACTING),
+    seed=st.integers(0, 2**31 - 1),
+    eps=st.sampled_from([0.0, 0.05, 0.7]),
+    width=st.sampled_from([3, 8, 16]),
+    weight_scale=st.floats(0.05, 1.0),
+    x_scale=st.floats(0.01, 10.0),
+    slope_min=st.sampled_from([0.0, 0.1, 0.5]),
+    lip_ratio=st.sampled_from([0.0, 0.5, 0.95]),
+)
+def test_symmetric_jacobian_bound_holds_for_random_weights(kind, seed, eps, width, weight_scale, x_scale, slope_min,
+                                                            lip_ratio):
+    """lambda_max(sym(dr/dx)) <= -guaranteed_rate <= -eps at random points, times, conditions and weights."""
+    config = ResidualConfig(kind=kind, width=width, cond_hidden=16, time_embed_dim=8, eps=eps, slope_min=slope_min,
+                            lip_ratio=lip_ratio)
+    residual = build_residual(config, HORIZON, ACTION_DIM, COND_DIM).double()
+    _perturb(residual, weight_scale, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    batch = 6
+    t = torch.rand(batch, generator=generator, dtype=torch.float64)
+    x = x_scale * torch.randn(batch, HORIZON * ACTION_DIM, generator=generator, dtype=torch.float64)
+    cond = 3.0 * torch.randn(batch, COND_DIM, generator=generator, dtype=torch.float64)
+    mu = sym_jacobian_max_eig(lambda z: residual.flat(t, z, cond), x)
+    rate = residual.guaranteed_rate(t, cond).detach()
+    assert rate.shape == (batch,) and (rate >= eps).all()
+    assert (mu <= -rate + 1e-9 * (1.0 + rate)).all(), (mu, rate)
+
+
+def test_jacobian_helper_matches_autograd_and_power_iteration():
+    residual = build_residual(ResidualConfig(kind="free", width=16, cond_hidden=16), HORIZON, ACTION_DIM,
+                              COND_DIM).double()
+    _perturb(residual, 0.5, 0)
+    t, x, cond = torch.rand(3, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 3).double()
+    exact = sym_jacobian_max_eig(lambda z: residual.flat(t, z, cond), x)
+    for i in range(3):
+        def one(z, i=i):
+            return residual.flat(t[i:i + 1], z[None], cond[i:i + 1])[0]
+
+        jac = torch.autograd.functional.jacobian(one, x[i])
+        expected = torch.linalg.eigvalsh(0.5 * (jac + jac.T))[-1]
+        torch.testing.assert_close(exact[i], expected)
+    power = sym_jacobian_max_eig(lambda z: residual.flat(t, z, cond), x, method="power", iters=200,
+                                 generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(power, exact, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["monotone", "damped", "free"])
+def test_zero_init_output_is_exactly_zero(kind):
+    residual = build_residual(ResidualConfig(kind=kind), HORIZON, ACTION_DIM, COND_DIM)
+    out = residual(torch.rand(5), 4.0 * torch.randn(5, HORIZON, ACTION_DIM), torch.randn(5, COND_DIM))
+    assert out.shape == (5, HORIZON, ACTION_DIM) and not out.any()
+    assert torch.equal(residual.guaranteed_rate(torch.rand(5), torch.randn(5, COND_DIM)), torch.zeros(5)) \
+        if kind != "free" else residual.guaranteed_rate(torch.rand(5), torch.randn(5, COND_DIM)) is None
+
+
+def test_positive_eps_is_a_rate_from_the_start():
+    """eps > 0 buys a guaranteed rate at init at the price of r = -eps x instead of 0 (documented trade-off)."""
+    residual = build_residual(ResidualConfig(kind="monotone", eps=0.3), HORIZON, ACTION_DIM, COND_DIM)
+    x = torch.randn(2, HORIZON, ACTION_DIM)
+    torch.testing.assert_close(residual(torch.rand(2), x, torch.randn(2, COND_DIM)), -0.3 * x)
+
+
+@pytest.mark.parametrize("kind", ["monotone", "damped", "free"])
+def test_zero_init_residual_policy_reproduces_base_actions_exactly(kind):
+    base = _base_policy()
+    policy = ResidualFlowPolicy.from_base(base, ResidualConfig(kind=kind, width=16, cond_hidden=16)).eval()
+    obs = {"state": torch.rand(5, 2, COND_DIM) * 5}
+    noise = torch.randn(5, HORIZON, ACTION_DIM)
+    for steps, solver in ((1, "euler"), (4, "euler"), (2, "midpoint"), (1, "rk4")):
+        expected = base.predict_action_chunk(obs, num_steps=steps, solver=solver, noise=noise)
+        assert torch.equal(policy.predict_action_chunk(obs, num_steps=steps, solver=solver, noise=noise), expected)
+
+
+@pytest.mark.parametrize("kind", ["monotone", "damped", "free"])
+def test_residual_learns_from_zero_init_and_base_stays_frozen(kind):
+    """At exact zero init the loss still has a non-zero gradient on the residual (no dead start), none on the base."""
+    policy = ResidualFlowPolicy.from_base(_base_policy(), ResidualConfig(kind=kind, width=16, cond_hidden=16))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("residual.") for n in trainable)
+    batch = {"state": torch.rand(8, 2, COND_DIM) * 5, "action": torch.rand(8, HORIZON, ACTION_DIM) * 6 - 3}
+    policy.compute_loss(batch)["loss"].backward()
+    grad_norm = sum(float(p.grad.norm()) for p in policy.parameters() if p.grad is not None)
+    assert grad_norm > 0
+    assert all(p.grad is None for n, p in policy.named_parameters() if not n.startswith("residual."))
+
+
+def test_damped_gate_cannot_get_stuck_below_zero():
+    """The gate's forward value is max(g, 0) but its gradient passes straight through, so a gate pushed negative by
+    one step still receives gradient (and k = 0 there keeps the bound)."""
+    residual = build_residual(ResidualConfig(kind="damped", width=8, cond_hidden=8), HORIZON, ACTION_DIM, COND_DIM)
+    with torch.no_grad():
+        residual.gate.fill_(-0.5)
+    t, x, cond = torch.rand(4), torch.randn(4, HORIZON, ACTION_DIM), torch.randn(4, COND_DIM)
+    out = residual(t, x, cond)
+    assert not out.any()
+    (out * x).sum().backward()
+    assert residual.gate.grad is not None and residual.gate.grad != 0
+
+
+def test_residual_policy_saves_and_loads_with_its_residual_config(tmp_path):
+    config = ResidualConfig(kind="damped", width=12, cond_hidden=20, time_embed_dim=8, eps=0.01, lip_ratio=0.8)
+    policy = ResidualFlowPolicy.from_base(_base_policy(), config)
+    _perturb(policy.residual, 0.3, 1)
+    policy.save_pretrained(tmp_path / "res")
+    meta = json.loads((tmp_path / "res" / "config.json").read_text())
+    assert meta["policy"]["type"] == RESIDUAL_POLICY_TYPE and meta["residual"]["width"] == 12
+    loaded = load_policy(tmp_path / "res")
+    assert type(loaded) is ResidualFlowPolicy and loaded.residual_config == config
+    obs = {"state": torch.rand(3, 2, COND_DIM) * 5}
+    noise = torch.randn(3, HORIZON, ACTION_DIM)
+    a = policy.eval().predict_action_chunk(obs, num_steps=3, noise=noise)
+    b = loaded.predict_action_chunk(obs, num_steps=3, noise=noise)
+    assert torch.equal(a, b) and a.shape == (3, 2, ACTION_DIM)
+    assert not torch.equal(a, _base_policy().predict_action_chunk(obs, num_steps=3, noise=noise))
+
+
+def test_bad_residual_configs_are_rejected():
+    from fm_policy.config import ConfigError
+
+    for bad in ({"kind": "lmi"}, {"eps": -1.0}, {"lip_ratio": 1.0}, {"slope_min": 1.5}, {"time_embed_dim": 5}):
+        with pytest.raises(ConfigError):
+            build_residual(ResidualConfig(**bad), HORIZON, ACTION_DIM, COND_DIM)
+    with pytest.raises(TypeError, match="plain FlowPolicy"):
+        ResidualFlowPolicy.from_base(ResidualFlowPolicy.from_base(_base_policy()))
