@@ -1,0 +1,318 @@
+"""MLE-of-reconstructions fine-tuning (FT-FM / ResFT-FM; docs: mle_finetuning.md sections 3.2, 5.1, 6, 7).
+
+Flow matching regresses a velocity and never sees the integrated output, so a few-step sampler inherits the field's
+error amplified by the flow (the notes' Theorem 1). This objective trains the *deployed sampler's output* instead:
+
+1. encode: the data chunk x1 (normalised) is mapped to its noise code z by integrating the FROZEN pre-trained field
+   backward, t: 1 -> 0, with an accurate solver, without gradients (pairing "inversion"; "independent" draws fresh
+   N(0, I) noise instead - an ablation that regresses to the conditional mean and collapses multimodality);
+2. decode: the model being tuned integrates forward from z with the deployment solver and step count (1-16 Euler),
+   and the loss backpropagates through the unrolled steps (the solvers run out of place when grad is on);
+3. Gaussian NLL of x1 under N(x_hat, sigma^2), per real chunk element (fixed, learned scalar, or learned
+   per-element sigma);
+4. plus an optional lambda * flow-matching loss of the model's field, which anchors it to a valid transport of
+   N(0, I) while the encoder (the frozen pre-trained flow) stays fixed.
+
+`MLEFinetunePolicy` packages the objective as a policy-like module whose `compute_loss` is this loss, so the
+package's Trainer (EMA, checkpoints, exact resume, TensorBoard) runs it unchanged. It saves exactly the tuned policy
+(a fully fine-tuned flow policy saves as a plain "flow" policy; a residual one as "flow_residual"), plus a sidecar
+with a learned sigma when there is one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fm_policy.checkpoint import CheckpointError, write_checkpoint_dir
+from fm_policy.config import ConfigError
+from fm_policy.flow_matching import sample_noise
+from fm_policy.flow_policy import FlowPolicy
+from fm_policy.solvers import METHODS, solve
+
+PAIRINGS: tuple[str, ...] = ("inversion", "independent")
+SIGMA_MODES: tuple[str, ...] = ("fixed", "scalar", "per_dim")
+TRAINABLE: tuple[str, ...] = ("all", "last", "residual")
+OBJECTIVE_FILE = "mle_objective.safetensors"
+
+
+@dataclass
+class MLEConfig:
+    """Options of the MLE fine-tuning objective (defaults follow the notes' recommendations, section 3.5 / 7)."""
+
+    pairing: str = "inversion"  # inversion (encode data with the frozen flow) | independent (fresh noise, ablation)
+    encode_solver: str = "rk4"  # accurate backward solve of the frozen pre-trained field
+    encode_steps: int = 16  # fixed-step methods: steps; adaptive (dopri5): ignored, rtol/atol used
+    encode_rtol: float = 1e-5
+    encode_atol: float = 1e-5
+    decode_solver: str = "euler"  # the deployment solver ...
+    decode_steps: int = 1  # ... and step count (fine-tune one model per deployed NFE)
+    decode_steps_choices: list[int] = field(default_factory=list)  # non-empty: draw N per batch (any-step model)
+    sigma_mode: str = "fixed"  # fixed | scalar (one learned sigma) | per_dim (one learned sigma per chunk element)
+    sigma: float = 0.05  # the fixed sigma, or the learned one's initial value (actions normalised to [-1, 1])
+    fm_weight: float | None = None  # lambda of the flow-matching anchor; None: 0.1 for method mle, 0 for residual
+    trainable: str = "all"  # mle: all | last (the last `last_layers` parameterised layers); residual: all = residual
+    last_layers: int = 1
+
+    def validate(self) -> None:
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"mle.pairing '{self.pairing}' is unknown; choose one of {list(PAIRINGS)}")
+        for name in ("encode_solver", "decode_solver"):
+            if getattr(self, name) not in METHODS:
+                raise ConfigError(f"mle.{name} '{getattr(self, name)}' is unknown; choose one of {list(METHODS)}")
+        steps = [self.encode_steps, self.decode_steps, *self.decode_steps_choices]
+        if any(int(s) < 1 for s in steps):
+            raise ConfigError(f"mle step counts must be >= 1, got {steps}")
+        if self.sigma_mode not in SIGMA_MODES:
+            raise ConfigError(f"mle.sigma_mode '{self.sigma_mode}' is unknown; choose one of {list(SIGMA_MODES)}")
+        if not self.sigma > 0:
+            raise ConfigError(f"mle.sigma must be > 0, got {self.sigma}")
+        if self.fm_weight is not None and self.fm_weight < 0:
+            raise ConfigError(f"mle.fm_weight must be >= 0, got {self.fm_weight}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"mle.trainable '{self.trainable}' is unknown; choose one of {list(TRAINABLE)}")
+        if self.last_layers < 1:
+            raise ConfigError(f"mle.last_layers must be >= 1, got {self.last_layers}")
+
+
+class GaussianReconstructionNLL(nn.Module):
+    """Per-element Gaussian NLL 0.5 ((x1 - x_hat) / sigma)^2 + log sigma (no 0.5 log 2 pi), over real elements.
+
+    The per-element mean (not the per-chunk sum of the notes' formula) keeps the loss scale independent of the chunk
+    size, so one learning rate / gradient clip fits Push-T and larger action spaces alike. With a fixed sigma it is
+    MSE / (2 sigma^2) + const; a learned sigma (scalar, or one per chunk element) converges to the RMS error there
+    and re-weights the elements by their noise level.
+    """
+
+    def __init__(self, mode: str, sigma: float, chunk_shape: tuple[int, int]) -> None:
+        super().__init__()
+        if mode not in SIGMA_MODES:
+            raise ValueError(f"unknown sigma mode '{mode}'")
+        self.mode = mode
+        init = torch.full(chunk_shape if mode == "per_dim" else (), math.log(sigma))
+        if mode == "fixed":
+            self.register_buffer("log_sigma", init, persistent=False)
+        else:
+            self.log_sigma = nn.Parameter(init)
+
+    @property
+    def learned(self) -> bool:
+        return self.mode != "fixed"
+
+    def forward(self, x_hat: Tensor, x1: Tensor, mask: Tensor | None = None) -> Tensor:
+        log_sigma = self.log_sigma.to(x_hat.dtype)
+        z = (x1.float() - x_hat.float()) * torch.exp(-log_sigma.float())
+        nll = 0.5 * z.square() + log_sigma.float()
+        if mask is None:
+            return nll.mean()
+        m = mask.reshape(mask.shape + (1,) * (nll.ndim - mask.ndim)).to(nll.dtype).expand_as(nll)
+        return (nll * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
+    sq = (a.float() - b.float()).square()
+    if mask is None:
+        return sq.mean()
+    m = mask.reshape(mask.shape + (1,) * (sq.ndim - mask.ndim)).to(sq.dtype).expand_as(sq)
+    return (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def last_parameterised_modules(module: nn.Module, count: int) -> list[nn.Module]:
+    """The last `count` modules (registration order) that own parameters directly: the output layers of the
+    velocity networks here (MLP: `out`, then the last hidden Linear; U-Net: the head's 1x1 conv, then its conv block's
+    GroupNorm and conv), which is what "fine-tune only the last layers" means for them."""
+    owners = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    return owners[-count:]
+
+
+class MLEFinetunePolicy(nn.Module):
+    """A flow(-residual) policy whose `compute_loss` is the MLE-of-reconstructions objective.
+
+    model: the policy being tuned (`FlowPolicy` for FT-FM, `ResidualFlowPolicy` for ResFT-FM); it is trained in place.
+    reference: the frozen pre-trained flow policy that encodes data to noise codes. None: the model's own frozen
+        `base_velocity` (a residual policy), which is the same pre-trained field without a second copy.
+    fm_weight: lambda of the flow-matching anchor (the model's own `_loss`).
+
+    Everything the harness and Trainer use is delegated to `model` (`predict_action_chunk`, `select_action`,
+    `reset`, `config`, `normalizer`, ...). `parameters()` yields only the trainable parameters, so the Trainer's
+    optimiser and EMA never carry (or copy) the frozen reference / base weights.
+    """
+
+    def __init__(self, model: FlowPolicy, config: MLEConfig, reference: FlowPolicy | None = None,
+                 fm_weight: float = 0.0) -> None:
+        super().__init__()
+        config.validate()
+        if reference is None and not hasattr(model, "base_velocity"):
+            raise ValueError("a reference (pre-trained) policy is needed unless the model has a frozen base_velocity")
+        self.mle_config = config
+        self.fm_weight = float(fm_weight)
+        self.model = model
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+        self._select_trainable(config)
+        self.objective = GaussianReconstructionNLL(config.sigma_mode, config.sigma, model.noise_shape)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("no trainable parameter in the model (check mle.trainable)")
+
+    def _select_trainable(self, config: MLEConfig) -> None:
+        has_base = hasattr(self.model, "base_velocity")
+        if has_base:
+            if config.trainable == "last":
+                raise ConfigError("mle.trainable=last applies to full fine-tuning (method mle), not to a residual")
+            return  # a residual policy already trains exactly its residual
+        if config.trainable == "residual":
+            raise ConfigError("mle.trainable=residual needs a residual policy (method residual)")
+        self.model.requires_grad_(True)
+        self.model.encoder.requires_grad_(False)  # observation encoder frozen (notes 3.5)
+        if config.trainable == "last":
+            self.model.net.requires_grad_(False)
+            for module in last_parameterised_modules(self.model.net, config.last_layers):
+                module.requires_grad_(True)
+
+    # ---------------------------------------------------------------- delegation
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Trainable parameters only (see the class docstring)."""
+        return (p for p in super().parameters(recurse) if p.requires_grad)
+
+    def train(self, mode: bool = True) -> MLEFinetunePolicy:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # the encoder is a fixed function
+        return self
+
+    def predict_action_chunk(self, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
+                             noise: Tensor | None = None) -> Tensor:
+        return self.model.predict_action_chunk(obs, num_steps, solver, noise)
+
+    def generate_chunk(self, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
+                       noise: Tensor | None = None) -> Tensor:
+        return self.model.generate_chunk(obs, num_steps, solver, noise)
+
+    def select_action(self, obs: Mapping[str, Tensor], num_steps: int | None = None) -> Tensor:
+        return self.model.select_action(obs, num_steps)
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    # ---------------------------------------------------------------- objective
+    def reference_velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        """The frozen pre-trained field (the encoder)."""
+        if self.reference is not None:
+            return self.reference.velocity(t, x, cond)
+        return self.model.base_velocity(t, x, cond)
+
+    @torch.no_grad()
+    def encode(self, x1: Tensor, ref_cond: Tensor) -> Tensor:
+        """Noise codes of data chunks x1 (normalised): the frozen field integrated backward, t: 1 -> 0."""
+        c = self.mle_config
+        result = solve(lambda t, x: self.reference_velocity(t, x, ref_cond), x1, c.encode_solver, c.encode_steps,
+                       t0=1.0, t1=0.0, rtol=c.encode_rtol, atol=c.encode_atol)
+        return result.x
+
+    def decode(self, z: Tensor, cond: Tensor, num_steps: int | None = None) -> Tensor:
+        """The tuned model's deployed sampler from codes z (differentiable through the unrolled steps)."""
+        c = self.mle_config
+        steps = num_steps or c.decode_steps
+        return solve(lambda t, x: self.model.velocity(t, x, cond), z, c.decode_solver, steps).x
+
+    def _decode_steps(self) -> int:
+        choices = self.mle_config.decode_steps_choices
+        if not choices:
+            return self.mle_config.decode_steps
+        return int(choices[int(torch.randint(len(choices), ()))])
+
+    def pair(self, obs: Mapping[str, Tensor], x1: Tensor) -> Tensor:
+        """The noise code paired with each data chunk (inversion or, for the ablation, fresh noise)."""
+        if self.mle_config.pairing == "independent":
+            return sample_noise(x1.shape, x1.device, x1.dtype)
+        ref_cond = (self.reference.encode_obs(obs) if self.reference is not None
+                    else self.model.encode_obs(obs)).detach()
+        return self.encode(x1, ref_cond)
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """MLE-of-reconstruction loss (+ fm_weight * flow matching) on a batch of windows; extras are detached."""
+        model = self.model
+        obs = {k: batch[k] for k in model.obs_shapes}
+        x1 = model.normalizer.normalize("action", batch["action"].to(model.device, torch.float32))
+        mask = batch.get("pad_mask")
+        mask = mask.to(model.device) if mask is not None else None
+        cond = model.encode_obs(obs)
+        z = self.pair(obs, x1)
+        x_hat = self.decode(z, cond, self._decode_steps())
+        nll = self.objective(x_hat, x1, mask)
+        out = {"nll": nll.detach(), "recon_mse": _masked_mse(x_hat.detach(), x1, mask),
+               "sigma": self.objective.log_sigma.detach().exp().mean()}
+        loss = nll
+        if self.fm_weight > 0:
+            fm = model._loss(x1, cond, mask)["loss"]
+            loss = loss + self.fm_weight * fm
+            out["fm_loss"] = fm.detach()
+        out["loss"] = loss
+        return out
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.compute_loss(batch)
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
+        """The tuned policy as a normal loadable policy, plus the learned sigma (if any) in a sidecar file."""
+
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder, atomic=False)
+            if self.objective.learned:
+                save_file({"log_sigma": self.objective.log_sigma.detach().cpu().contiguous()}, folder / OBJECTIVE_FILE)
+
+        if atomic:
+            return write_checkpoint_dir(directory, write)
+        write(Path(directory))
+        return Path(directory)
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load the tuned policy's weights (and the learned sigma) saved by `save_pretrained` (used on resume)."""
+        self.model.load_weights(directory)
+        if self.objective.learned:
+            path = Path(directory) / OBJECTIVE_FILE
+            if not path.exists():
+                raise CheckpointError(f"{directory}: no {OBJECTIVE_FILE}, but this objective learns sigma")
+            with torch.no_grad():
+                self.objective.log_sigma.copy_(load_file(path)["log_sigma"])
+
+
+def mle_finetune_policy(pretrained: FlowPolicy, config: MLEConfig, method: str = "mle",
+                        residual: Any = None) -> MLEFinetunePolicy:
+    """FT-FM (`method="mle"`: the whole pre-trained policy is tuned, a frozen copy encodes) or ResFT-FM
+    (`method="residual"`: a `ResidualFlowPolicy` around the frozen pre-trained field, only the residual is tuned).
+
+    `pretrained` is not modified for "residual"; for "mle" it becomes the tuned model (pass a copy to keep it).
+    """
+    if type(pretrained) is not FlowPolicy:
+        raise ConfigError(f"MLE fine-tuning needs a plain flow policy, got {type(pretrained).__name__} "
+                          f"(type '{pretrained.config.type}')")
+    if method == "mle":
+        reference = copy.deepcopy(pretrained)
+        weight = 0.1 if config.fm_weight is None else config.fm_weight
+        return MLEFinetunePolicy(pretrained, config, reference=reference, fm_weight=weight)
+    if method == "residual":
+        from fm_policy.finetune.residual import ResidualFlowPolicy
+
+        model = ResidualFlowPolicy.from_base(pretrained, residual)
+        weight = 0.0 if config.fm_weight is None else config.fm_weight
+        return MLEFinetunePolicy(model, config, reference=None, fm_weight=weight)
+    raise ConfigError(f"fine-tuning method '{method}' is unknown; choose mle or residual")

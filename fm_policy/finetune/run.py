@@ -1,0 +1,189 @@
+"""`fm-policy finetune --method mle|residual --checkpoint DIR [--config YAML] [key=value ...]`.
+
+Fine-tuning is training a policy object whose `compute_loss` is the fine-tuning objective (`MLEFinetunePolicy`), so
+the package's Trainer runs it unchanged: EMA, atomic checkpoints (each holding a normal loadable policy under
+policy/ and ema/), exact resume of an interrupted run, TensorBoard. The pre-trained policy's normaliser, observation
+keys and horizons are kept; the data section defaults to the pre-training run's (same store, same episode split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fm_policy.config import ConfigError, config_to_yaml, load_config
+from fm_policy.datasets.policy_data import DataConfig, build_policy_data
+from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_policy
+from fm_policy.finetune.residual import ResidualConfig
+from fm_policy.flow_policy import FlowPolicy
+from fm_policy.policy import load_policy
+from fm_policy.train import EvalConfig, _append_session, _check_resume_config, _hardware, _rollout_evaluator
+from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, Trainer, latest_checkpoint, seed_everything
+
+METHODS: tuple[str, ...] = ("mle", "residual")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. `data.path: ""` (default) reuses the pre-training run's data section."""
+
+    checkpoint: str = ""  # the pre-trained flow policy, e.g. runs/pusht_flow/checkpoints/step_20000/ema
+    method: str = "mle"  # mle (FT-FM: the whole velocity network) | residual (ResFT-FM: a contracting residual)
+    run_dir: str = "runs/finetune"
+    mle: MLEConfig = field(default_factory=MLEConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path=""))
+    # notes 3.5: lr 1e-5 for the full network; use optim.lr=1e-4 for method residual
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=100))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=5000, batch_size=64, checkpoint_every=500,
+                                                                val_every=500))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("finetune: no pre-trained checkpoint given (--checkpoint DIR or checkpoint=DIR)")
+        if self.method not in METHODS:
+            raise ConfigError(f"finetune: method '{self.method}' is unknown; choose one of {list(METHODS)}")
+        self.mle.validate()
+        if self.method == "residual":
+            self.residual.validate()
+
+
+def _pretraining_data(checkpoint: Path) -> DataConfig | None:
+    """The data section of the run the checkpoint came from (runs/NAME/config.yaml above checkpoints/step_N/ema)."""
+    from fm_policy.finetune.contraction import _pretraining_run_config
+
+    run = _pretraining_run_config(checkpoint)
+    if not run or not isinstance(run.get("data"), dict):
+        return None
+    return DataConfig(**{k: v for k, v in run["data"].items() if k in DataConfig.__dataclass_fields__})
+
+
+def resolve_data_config(config: FinetuneConfig, pretrained: FlowPolicy) -> DataConfig:
+    """The data to fine-tune on, always with the pre-trained policy's observation keys."""
+    data = config.data
+    if not data.path:
+        inherited = _pretraining_data(Path(config.checkpoint))
+        if inherited is None:
+            raise ConfigError(f"finetune: data.path is empty and no pre-training config.yaml was found above "
+                              f"{config.checkpoint}; set data.path=STORE")
+        data = inherited
+        data.num_workers = config.data.num_workers
+    keys = list(pretrained.obs_shapes)
+    if sorted(data.obs_keys) != keys:
+        print(f"finetune: using the pre-trained policy's observation keys {keys} (data.obs_keys was {data.obs_keys})")
+    data.obs_keys = keys
+    return data
+
+
+def build_finetune_policy(config: FinetuneConfig, device: str = "cpu") -> MLEFinetunePolicy:
+    """Load the pre-trained policy and wrap it for `config.method`."""
+    import fm_policy.finetune.residual  # noqa: F401  (a residual checkpoint needs its type registered)
+
+    pretrained = load_policy(config.checkpoint, device=device)
+    if type(pretrained) is not FlowPolicy:
+        raise ConfigError(f"finetune: {config.checkpoint} is a '{pretrained.config.type}' policy; "
+                          "MLE fine-tuning starts from a plain flow policy")
+    return mle_finetune_policy(pretrained, config.mle, config.method, config.residual)
+
+
+def _check_data_matches(policy: MLEFinetunePolicy, arrays: dict) -> None:
+    for key, shape in policy.obs_shapes.items():
+        if tuple(arrays[key].shape[1:]) != tuple(shape):
+            raise ConfigError(f"finetune: data '{key}' has per-step shape {arrays[key].shape[1:]}, the pre-trained "
+                              f"policy expects {shape}")
+    if arrays["action"].shape[-1] != policy.config.action_dim:
+        raise ConfigError(f"finetune: data actions have {arrays['action'].shape[-1]} dims, the policy "
+                          f"{policy.config.action_dim}")
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Fine-tune (or resume) the run described by `config`; returns the newest checkpoint directory.
+
+    The checkpoint's policy/ and ema/ folders are normal policies: "flow" for method mle, "flow_residual" for
+    method residual (load either with `load_policy` once `fm_policy.finetune` is imported).
+    """
+    config.validate()
+    if config.loop.torch_threads:
+        torch.set_num_threads(config.loop.torch_threads)
+    seed_everything(config.loop.seed)
+    policy = build_finetune_policy(config)
+    pcfg = policy.config
+    config.data = resolve_data_config(config, policy.model)
+    data = build_policy_data(config.data, pcfg.horizon, pcfg.n_obs_steps, pcfg.n_action_steps)
+    _check_data_matches(policy, data.arrays)
+    config_yaml = config_to_yaml(config)
+    run_dir = Path(config.run_dir)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        _check_resume_config(run_dir, config_yaml)
+    trainer = Trainer(policy, data, config.optim, config.ema, config.loop, run_dir, config_yaml,
+                      num_workers=config.data.num_workers)
+    n_trainable = sum(p.numel() for p in policy.parameters())
+    n_total = sum(p.numel() for p in policy.model.parameters())
+    print(
+        f"finetune {config.method} of {config.checkpoint}: {n_trainable / 1e6:.3f} M of {n_total / 1e6:.2f} M "
+        f"parameters trainable; decode {config.mle.decode_solver} x{config.mle.decode_steps}, pairing "
+        f"{config.mle.pairing}, fm_weight {policy.fm_weight:g}; {len(data.train)} training windows of "
+        f"{data.source}; device {trainer.accelerator.device}; run dir {run_dir}"
+    )
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        print(f"resumed from {resume_from} (step {trainer.step})")
+    start, first_step = time.perf_counter(), trainer.step
+    evaluate = _rollout_evaluator(config) if config.loop.eval_every else None
+    history = trainer.train(evaluate=evaluate)
+    seconds = time.perf_counter() - start
+    print(f"fine-tuned to step {trainer.step} in {seconds:.0f} s")
+    _append_session(run_dir, {
+        "steps": [first_step, trainer.step], "seconds": round(seconds, 1),
+        "steps_per_s": round((trainer.step - first_step) / max(seconds, 1e-9), 2),
+        "batch_size": config.loop.batch_size, "parameters": n_trainable, "device": str(trainer.accelerator.device),
+        "hardware": _hardware(trainer.accelerator.device), "torch_threads": torch.get_num_threads(),
+        "final_train_loss": history["loss"][-1] if history["loss"] else None, "method": config.method,
+    })
+    final = latest_checkpoint(run_dir)
+    assert final is not None
+    return final
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fm-policy finetune",
+        description="Fine-tune a pre-trained flow policy by MLE of reconstructions (FT-FM) or through a contracting "
+                    "residual (ResFT-FM).",
+        epilog="Example: fm-policy finetune --method mle --checkpoint runs/pusht_flow/checkpoints/step_20000/ema "
+               "run_dir=runs/pusht_ftfm mle.decode_steps=1 loop.steps=5000",
+    )
+    parser.add_argument("--method", choices=METHODS, help="mle (whole network) or residual (default: the config's)")
+    parser.add_argument("--checkpoint", help="the pre-trained policy directory (default: the config's checkpoint)")
+    parser.add_argument("--config", help="a YAML file, or the name of a config shipped in configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. mle.decode_steps=2")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.method:
+        config.method = args.method
+    if args.checkpoint:
+        config.checkpoint = args.checkpoint
+    if args.print_config:
+        print(config_to_yaml(config))
+        return 0
+    checkpoint = finetune(config)
+    print(f"checkpoint: {checkpoint} (evaluate with: fm-policy eval --checkpoint {checkpoint / 'ema'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
