@@ -101,6 +101,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze_flow(args: argparse.Namespace) -> int:
+    from fm_policy.finetune.contraction import analyze_flow
+
+    stats = analyze_flow(args.checkpoint, args.data, n=args.n, num_steps=args.num_steps, solver=args.solver,
+                         delta=args.delta, t_disturb=args.t_disturb, seed=args.seed, jacobian=args.jacobian,
+                         device=args.device)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        width = max(len(k) for k in stats)
+        for key, value in stats.items():
+            print(f"{key:<{width}}  {value:.6g}")
+    return 0
+
+
 def _cmd_envs(args: argparse.Namespace) -> int:
     from fm_policy.envs import available_envs
 
@@ -164,8 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes for collection (default 2)")
     p.set_defaults(func=_cmd_quickstart)
 
+    p = sub.add_parser("analyze-flow", help="contraction (Jacobian eigenvalues) and disturbance response of a policy")
+    p.add_argument("--checkpoint", required=True, help="a saved flow or flow_residual policy directory")
+    p.add_argument("--data", help="store to draw observations from (default: the training run's)")
+    p.add_argument("--n", type=int, default=64, help="observations / trajectories to sample (default 64)")
+    p.add_argument("--num-steps", type=int, help="ODE steps (default: the policy's)")
+    p.add_argument("--solver", help="euler|midpoint|rk4 (default: the policy's)")
+    p.add_argument("--delta", type=float, default=1e-2, help="size of the injected disturbance (default 1e-2)")
+    p.add_argument("--t-disturb", type=float, default=0.5, help="time of the mid-trajectory disturbance (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jacobian", choices=("exact", "power"), default="exact",
+                   help="exact symmetric-Jacobian eigenvalues, or power iteration for large action chunks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_analyze_flow)
+
     sub.add_parser("envs", help="list registered environments").set_defaults(func=_cmd_envs)
     sub.add_parser("train", help="train a policy: same arguments as train-policy (see train-policy --help)")
+    sub.add_parser("finetune", help="MLE / residual fine-tuning of a flow policy (see fm-policy finetune --help)")
     return parser
 
 
@@ -190,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return train_main(argv[1:])
+    if argv[:1] == ["finetune"]:
+        return finetune_main(argv[1:])
     args = build_parser().parse_args(argv)
     return _run(args.func, args)
 
@@ -201,6 +234,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from fm_policy.train import main as train
 
         return train(argv)
+
+    return _run(run, argparse.Namespace())
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """`fm-policy finetune`: its own parser (fm_policy.finetune.run), the same one-line errors as every command."""
+
+    def run(_: argparse.Namespace) -> int:
+        from fm_policy.finetune.run import main as finetune
+
+        return finetune(argv)
 
     return _run(run, argparse.Namespace())
 

@@ -86,7 +86,7 @@ class PolicyConfig:
             raise ConfigError(f"policy.num_inference_steps must be >= 1, got {self.num_inference_steps}")
 
 
-POLICY_NAMES = ("flow", "ddpm")
+POLICY_NAMES = ("flow", "ddpm", "flow_residual")  # flow_residual: fm_policy.finetune.residual
 POLICY_TYPES: dict[str, type[BasePolicy]] = {}  # filled by the policy modules' @register_policy
 
 
@@ -315,8 +315,9 @@ def make_policy(config: PolicyConfig, arrays: Mapping[str, np.ndarray], obs_keys
 
 
 def load_policy(directory: str | os.PathLike, device: str | torch.device = "cpu") -> BasePolicy:
-    """Load any saved policy (flow or ddpm)."""
+    """Load any saved policy (flow, ddpm, or a fine-tuned flow_residual)."""
     import fm_policy.ddpm_policy  # noqa: F401
+    import fm_policy.finetune.residual  # noqa: F401  (registers 'flow_residual')
     import fm_policy.flow_policy  # noqa: F401
 
     return BasePolicy.from_pretrained(directory, device)

@@ -78,6 +78,18 @@ def train(config: TrainConfig) -> Path:
     policy_cfg = config.policy
     data = build_policy_data(config.data, policy_cfg.horizon, policy_cfg.n_obs_steps, policy_cfg.n_action_steps)
     policy = make_policy(policy_cfg, data.arrays, config.data.obs_keys)
+    n_params = sum(p.numel() for p in policy.parameters())
+    return run_trainer(
+        policy, data, config,
+        describe=f"policy {policy_cfg.type}/{policy_cfg.network.kind}: {n_params / 1e6:.2f} M parameters; "
+                 f"{len(data.train)} training windows from {int(data.train_mask.sum())} episodes of {data.source}",
+    )
+
+
+def run_trainer(policy, data, config, describe: str, session_extra: dict | None = None) -> Path:
+    """The part every training entry point shares (pre-training, fine-tuning): resume check, Trainer, periodic
+    rollout evaluation, the session record. `config` is any run config with run_dir/optim/ema/loop/data/eval
+    sections; returns the newest checkpoint directory."""
     config_yaml = config_to_yaml(config)
     run_dir = Path(config.run_dir)
     resume_from = latest_checkpoint(run_dir)
@@ -85,12 +97,7 @@ def train(config: TrainConfig) -> Path:
         _check_resume_config(run_dir, config_yaml)
     trainer = Trainer(policy, data, config.optim, config.ema, config.loop, run_dir, config_yaml,
                       num_workers=config.data.num_workers)
-    n_params = sum(p.numel() for p in policy.parameters())
-    print(
-        f"policy {policy_cfg.type}/{policy_cfg.network.kind}: {n_params / 1e6:.2f} M parameters; "
-        f"{len(data.train)} training windows from {int(data.train_mask.sum())} episodes of {data.source}; "
-        f"device {trainer.accelerator.device}; run dir {run_dir}"
-    )
+    print(f"{describe}; device {trainer.accelerator.device}; run dir {run_dir}")
     if resume_from is not None:
         trainer.resume(resume_from)
         print(f"resumed from {resume_from} (step {trainer.step})")
@@ -102,9 +109,10 @@ def train(config: TrainConfig) -> Path:
     _append_session(run_dir, {
         "steps": [first_step, trainer.step], "seconds": round(seconds, 1),
         "steps_per_s": round((trainer.step - first_step) / max(seconds, 1e-9), 2),
-        "batch_size": config.loop.batch_size, "parameters": n_params, "device": str(trainer.accelerator.device),
-        "hardware": _hardware(trainer.accelerator.device), "torch_threads": torch.get_num_threads(),
-        "final_train_loss": history["loss"][-1] if history["loss"] else None,
+        "batch_size": config.loop.batch_size, "parameters": sum(p.numel() for p in policy.parameters()),
+        "device": str(trainer.accelerator.device), "hardware": _hardware(trainer.accelerator.device),
+        "torch_threads": torch.get_num_threads(),
+        "final_train_loss": history["loss"][-1] if history["loss"] else None, **(session_extra or {}),
     })
     final = latest_checkpoint(run_dir)
     assert final is not None

@@ -5,6 +5,7 @@ zarr store with a checkpoint pre-trained by `train()`."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,21 @@ def test_finetune_rejects_bad_configs(pretrained, tmp_path):
         finetune(_ft_config(pretrained, tmp_path / "x", "method=rl"))
     with pytest.raises(ConfigError, match="mle.decode_solver"):
         finetune(_ft_config(pretrained, tmp_path / "x", "mle.decode_solver=heun"))
+
+
+def test_finetune_and_analyze_flow_through_the_cli(pretrained, tmp_path, capsys):
+    """`fm-policy finetune` and `fm-policy analyze-flow` reach the library; bad input is one line, exit 2."""
+    from fm_policy.cli import main
+
+    run_dir = tmp_path / "cli"
+    assert main(["finetune", "--method", "residual", "--checkpoint", str(pretrained), f"run_dir={run_dir}",
+                 "loop.steps=2", "loop.batch_size=8", "loop.val_every=0", "loop.checkpoint_every=2",
+                 "loop.progress=false", "mle.encode_steps=2", "residual.width=8"]) == 0
+    assert type(load_policy(run_dir / "checkpoints" / "step_2" / "ema")) is ResidualFlowPolicy
+    capsys.readouterr()
+    assert main(["analyze-flow", "--checkpoint", str(run_dir / "checkpoints" / "step_2" / "ema"), "--n", "4",
+                 "--num-steps", "2", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["jac_residual_max"] <= -stats["certified_rate_min"] + 1e-4
+    assert main(["finetune", "--checkpoint", str(pretrained), "run_dir=" + str(tmp_path / "bad"), "mle.nope=1"]) == 2
+    assert "mle.nope" in capsys.readouterr().err

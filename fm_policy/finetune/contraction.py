@@ -294,7 +294,6 @@ def analyze_flow(
     drawn inside the normaliser's range (`from_data` says which: 1 or 0). With data, the Gaussianity of the data's
     noise codes (`code_*`) is reported too.
     """
-    import fm_policy.finetune.residual  # noqa: F401  (registers the residual policy type)
     from fm_policy.policy import load_policy
 
     checkpoint_dir = Path(checkpoint_dir)

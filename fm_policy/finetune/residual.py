@@ -67,7 +67,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fm_policy.policy as _policy_module
 from fm_policy.checkpoint import write_checkpoint_dir
 from fm_policy.config import ConfigError
 from fm_policy.flow_policy import FlowPolicy
@@ -79,10 +78,6 @@ RESIDUAL_POLICY_TYPE = "flow_residual"
 RESIDUAL_KINDS: tuple[str, ...] = ("monotone", "damped", "free")
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1: scale heads start at 1
 
-# Until fm_policy.policy.POLICY_NAMES lists the residual policy type, PolicyConfig.validate() would reject it; extend
-# the tuple at import (a no-op once policy.py names it).
-if RESIDUAL_POLICY_TYPE not in _policy_module.POLICY_NAMES:
-    _policy_module.POLICY_NAMES = (*_policy_module.POLICY_NAMES, RESIDUAL_POLICY_TYPE)
 
 
 @dataclass

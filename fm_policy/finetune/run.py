@@ -23,8 +23,8 @@ from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_po
 from fm_policy.finetune.residual import ResidualConfig
 from fm_policy.flow_policy import FlowPolicy
 from fm_policy.policy import load_policy
-from fm_policy.train import EvalConfig, _append_session, _check_resume_config, _hardware, _rollout_evaluator
-from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, Trainer, latest_checkpoint, seed_everything
+from fm_policy.train import EvalConfig, run_trainer
+from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, seed_everything
 
 METHODS: tuple[str, ...] = ("mle", "residual")
 
@@ -85,7 +85,6 @@ def resolve_data_config(config: FinetuneConfig, pretrained: FlowPolicy) -> DataC
 
 def build_finetune_policy(config: FinetuneConfig, device: str = "cpu") -> MLEFinetunePolicy:
     """Load the pre-trained policy and wrap it for `config.method`."""
-    import fm_policy.finetune.residual  # noqa: F401  (a residual checkpoint needs its type registered)
 
     pretrained = load_policy(config.checkpoint, device=device)
     if type(pretrained) is not FlowPolicy:
@@ -119,39 +118,16 @@ def finetune(config: FinetuneConfig) -> Path:
     config.data = resolve_data_config(config, policy.model)
     data = build_policy_data(config.data, pcfg.horizon, pcfg.n_obs_steps, pcfg.n_action_steps)
     _check_data_matches(policy, data.arrays)
-    config_yaml = config_to_yaml(config)
-    run_dir = Path(config.run_dir)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        _check_resume_config(run_dir, config_yaml)
-    trainer = Trainer(policy, data, config.optim, config.ema, config.loop, run_dir, config_yaml,
-                      num_workers=config.data.num_workers)
     n_trainable = sum(p.numel() for p in policy.parameters())
     n_total = sum(p.numel() for p in policy.model.parameters())
-    print(
-        f"finetune {config.method} of {config.checkpoint}: {n_trainable / 1e6:.3f} M of {n_total / 1e6:.2f} M "
-        f"parameters trainable; decode {config.mle.decode_solver} x{config.mle.decode_steps}, pairing "
-        f"{config.mle.pairing}, fm_weight {policy.fm_weight:g}; {len(data.train)} training windows of "
-        f"{data.source}; device {trainer.accelerator.device}; run dir {run_dir}"
+    return run_trainer(
+        policy, data, config,
+        describe=f"finetune {config.method} of {config.checkpoint}: {n_trainable / 1e6:.3f} M of "
+                 f"{n_total / 1e6:.2f} M parameters trainable; decode {config.mle.decode_solver} "
+                 f"x{config.mle.decode_steps}, pairing {config.mle.pairing}, fm_weight {policy.fm_weight:g}; "
+                 f"{len(data.train)} training windows of {data.source}",
+        session_extra={"method": config.method},
     )
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        print(f"resumed from {resume_from} (step {trainer.step})")
-    start, first_step = time.perf_counter(), trainer.step
-    evaluate = _rollout_evaluator(config) if config.loop.eval_every else None
-    history = trainer.train(evaluate=evaluate)
-    seconds = time.perf_counter() - start
-    print(f"fine-tuned to step {trainer.step} in {seconds:.0f} s")
-    _append_session(run_dir, {
-        "steps": [first_step, trainer.step], "seconds": round(seconds, 1),
-        "steps_per_s": round((trainer.step - first_step) / max(seconds, 1e-9), 2),
-        "batch_size": config.loop.batch_size, "parameters": n_trainable, "device": str(trainer.accelerator.device),
-        "hardware": _hardware(trainer.accelerator.device), "torch_threads": torch.get_num_threads(),
-        "final_train_loss": history["loss"][-1] if history["loss"] else None, "method": config.method,
-    })
-    final = latest_checkpoint(run_dir)
-    assert final is not None
-    return final
 
 
 def build_parser() -> argparse.ArgumentParser:
