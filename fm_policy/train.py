@@ -48,14 +48,15 @@ class TrainConfig:
 
 
 def _check_resume_config(run_dir: Path, config_yaml: str) -> None:
-    """Resuming with another config would silently mix two runs; only loop.steps (and progress) may change."""
+    """Resuming with another config would silently mix two runs. Only loop.steps and the resource settings
+    (progress bar, torch threads: a shared machine may need fewer on resume) may change."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
     old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(config_yaml)
     for cfg in (old, new):
-        cfg["loop"].pop("steps", None)
-        cfg["loop"].pop("progress", None)
+        for key in ("steps", "progress", "torch_threads"):
+            cfg["loop"].pop(key, None)
     if old != new:
         changed = sorted(
             f"{section}.{key}"
@@ -66,7 +67,7 @@ def _check_resume_config(run_dir: Path, config_yaml: str) -> None:
         )
         raise ConfigError(
             f"{run_dir} holds checkpoints of a run with another config (differs in {changed or 'top-level keys'}); "
-            "use a new run_dir, or the same config (only loop.steps may change when resuming)"
+            "use a new run_dir, or the same config (only loop.steps, loop.progress and loop.torch_threads may change when resuming)"
         )
 
 
