@@ -131,16 +131,27 @@ class SequenceDataset(Dataset):
     instead of `batch_size` single reads plus a collate.
     """
 
-    def __init__(self, sampler: SequenceSampler):
+    def __init__(self, sampler: SequenceSampler, window_arrays: Mapping[str, torch.Tensor] | None = None):
+        """`window_arrays`: extra per-window values (first axis = window index) added to every batch under their
+        keys, e.g. fine-tuning's cached noise codes of each training window."""
         self.sampler = sampler
+        self.window_arrays = dict(window_arrays or {})
+        for key, values in self.window_arrays.items():
+            if len(values) != len(sampler):
+                raise ValueError(f"window array '{key}' has {len(values)} rows for {len(sampler)} windows")
+            if key in sampler.arrays or key == "pad_mask":
+                raise ValueError(f"window array '{key}' would shadow the data key of the same name")
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         single = np.isscalar(index)
-        batch = self.sampler.sample(np.atleast_1d(np.asarray(index, dtype=np.int64)))
-        return {k: torch.from_numpy(v[0] if single else v) for k, v in batch.items()}
+        indices = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        batch = {k: torch.from_numpy(v) for k, v in self.sampler.sample(indices).items()}
+        for key, values in self.window_arrays.items():
+            batch[key] = values[torch.from_numpy(indices)]
+        return {k: v[0] for k, v in batch.items()} if single else batch
 
 
 def make_dataloader(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 
 from fm_policy.config import ConfigError, load_config
@@ -264,3 +265,27 @@ def test_finetune_and_analyze_flow_through_the_cli(pretrained, tmp_path, capsys)
     assert stats["jac_residual_max"] <= -stats["certified_rate_min"] + 1e-4
     assert main(["finetune", "--checkpoint", str(pretrained), "run_dir=" + str(tmp_path / "bad"), "mle.nope=1"]) == 2
     assert "mle.nope" in capsys.readouterr().err
+
+
+def test_cached_codes_are_the_inversions_and_are_reused(pretrained, tmp_path):
+    """The code cache holds exactly what on-the-fly inversion gives each window, and a resumed run reuses it."""
+    from fm_policy.datasets.policy_data import build_policy_data
+    from fm_policy.finetune.codes import CODES_FILE
+    from fm_policy.finetune.run import build_finetune_policy, resolve_data_config
+
+    config = _ft_config(pretrained, tmp_path / "run", "loop.steps=3")
+    finetune(config)
+    cache = tmp_path / "run" / CODES_FILE
+    stamp = cache.stat().st_mtime_ns
+    codes = load_file(cache)["codes"]
+    wrapper = build_finetune_policy(_ft_config(pretrained, tmp_path / "x"))
+    pcfg = wrapper.config
+    data = build_policy_data(resolve_data_config(config, wrapper.model), pcfg.horizon, pcfg.n_obs_steps,
+                             pcfg.n_action_steps)
+    assert codes.shape == (len(data.train), *wrapper.noise_shape)
+    batch = data.train[np.arange(5)]
+    x1 = wrapper.normalizer.normalize("action", batch["action"])
+    fresh = wrapper.pair({"state": batch["state"]}, x1)
+    torch.testing.assert_close(codes[:5], fresh, rtol=1e-5, atol=1e-5)
+    finetune(_ft_config(pretrained, tmp_path / "run", "loop.steps=6"))  # resume: same fingerprint, cache reused
+    assert cache.stat().st_mtime_ns == stamp

@@ -97,3 +97,17 @@ def test_dataloader_yields_whole_batches(num_workers):
         assert batch["action"].dtype == torch.float32 and batch[PAD_MASK_KEY].dtype == torch.bool
     single = dataset[0]
     assert single["action"].shape == (4, 2)
+
+
+def test_window_arrays_ride_along_with_their_windows():
+    """Per-window extras (fine-tuning's cached noise codes) are gathered with the same indices as the data."""
+    sampler = SequenceSampler({"action": VALUES}, ENDS, horizon=4, pad_before=1, pad_after=3)
+    first_value = torch.tensor([float(sampler.sample(np.array([i]))["action"][0, 0, 0]) for i in range(len(sampler))])
+    dataset = SequenceDataset(sampler, {"code": first_value[:, None]})
+    for batch in make_dataloader(dataset, batch_size=3, seed=1):
+        assert torch.equal(batch["code"][:, 0], batch["action"][:, 0, 0])
+    assert dataset[2]["code"].shape == (1,)
+    with pytest.raises(ValueError, match="rows for"):
+        SequenceDataset(sampler, {"code": first_value[:-1]})
+    with pytest.raises(ValueError, match="shadow"):
+        SequenceDataset(sampler, {"action": first_value})

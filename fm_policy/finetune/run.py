@@ -1,6 +1,7 @@
-"""`fm-policy finetune --method mle|residual --checkpoint DIR [--config YAML] [key=value ...]`.
+"""`fm-policy finetune --method mle|residual|gft|ft --checkpoint DIR [--data STORE] [--config YAML] [key=value ...]`.
 
-Fine-tuning is training a policy object whose `compute_loss` is the fine-tuning objective (`MLEFinetunePolicy`), so
+Fine-tuning is training a policy object whose `compute_loss` is the fine-tuning objective (`MLEFinetunePolicy` for
+mle/residual, `GFTFinetunePolicy` for gft (gradual fine-tuning) and ft (plain flow-matching fine-tuning)), so
 the package's Trainer runs it unchanged: EMA, atomic checkpoints (each holding a normal loadable policy under
 policy/ and ema/), exact resume of an interrupted run, TensorBoard. The pre-trained policy's normaliser, observation
 keys and horizons are kept; the data section defaults to the pre-training run's (same store, same episode split).
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from fm_policy.config import ConfigError, config_to_yaml, load_config
 from fm_policy.datasets.policy_data import DataConfig, build_policy_data
+from fm_policy.datasets.sampler import SequenceDataset
+from fm_policy.finetune.codes import CODES_FILE, cached_codes
+from fm_policy.finetune.gft import GFTConfig, GFTFinetunePolicy, gft_finetune_policy
 from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_policy
 from fm_policy.finetune.residual import ResidualConfig
 from fm_policy.flow_policy import FlowPolicy
@@ -26,7 +29,8 @@ from fm_policy.policy import load_policy
 from fm_policy.train import EvalConfig, run_trainer
 from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, seed_everything
 
-METHODS: tuple[str, ...] = ("mle", "residual")
+METHODS: tuple[str, ...] = ("mle", "residual", "gft", "ft")
+GFT_METHODS: tuple[str, ...] = ("gft", "ft")
 
 
 @dataclass
@@ -35,11 +39,14 @@ class FinetuneConfig:
 
     checkpoint: str = ""  # the pre-trained flow policy, e.g. runs/pusht_flow/checkpoints/step_20000/ema
     method: str = "mle"  # mle (FT-FM: the whole velocity network) | residual (ResFT-FM: a contracting residual)
+    #                      | gft (gradual fine-tuning, docs/gft.md) | ft (plain flow-matching fine-tuning)
     run_dir: str = "runs/finetune"
     mle: MLEConfig = field(default_factory=MLEConfig)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
+    gft: GFTConfig = field(default_factory=GFTConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(path=""))
-    # notes 3.5: lr 1e-5 for the full network; use optim.lr=1e-4 for method residual
+    # notes 3.5: lr 1e-5 for the full network; use optim.lr=1e-4 for method residual; gft/ft toward a changed
+    # task need a larger one (docs/gft.md; the Push-T benchmark uses 3e-4)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=100))
     ema: EMAConfig = field(default_factory=EMAConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=5000, batch_size=64, checkpoint_every=500,
@@ -51,6 +58,9 @@ class FinetuneConfig:
             raise ConfigError("finetune: no pre-trained checkpoint given (--checkpoint DIR or checkpoint=DIR)")
         if self.method not in METHODS:
             raise ConfigError(f"finetune: method '{self.method}' is unknown; choose one of {list(METHODS)}")
+        if self.method in GFT_METHODS:
+            self.gft.validate()
+            return
         self.mle.validate()
         if self.method == "residual":
             self.residual.validate()
@@ -83,17 +93,25 @@ def resolve_data_config(config: FinetuneConfig, pretrained: FlowPolicy) -> DataC
     return data
 
 
-def build_finetune_policy(config: FinetuneConfig, device: str = "cpu") -> MLEFinetunePolicy:
+def build_finetune_policy(config: FinetuneConfig, device: str = "cpu") -> MLEFinetunePolicy | GFTFinetunePolicy:
     """Load the pre-trained policy and wrap it for `config.method`."""
 
     pretrained = load_policy(config.checkpoint, device=device)
     if type(pretrained) is not FlowPolicy:
         raise ConfigError(f"finetune: {config.checkpoint} is a '{pretrained.config.type}' policy; "
-                          "MLE fine-tuning starts from a plain flow policy")
+                          "fine-tuning starts from a plain flow policy")
+    if config.method in GFT_METHODS:
+        teacher = None
+        if config.method == "gft" and config.gft.teacher and config.gft.w0 > 0:
+            teacher = load_policy(config.gft.teacher, device=device)
+            if type(teacher) is not FlowPolicy:
+                raise ConfigError(f"finetune: gft.teacher {config.gft.teacher} is a '{teacher.config.type}' policy; "
+                                  "the teacher must be a plain flow policy")
+        return gft_finetune_policy(pretrained, config.gft, teacher, config.method)
     return mle_finetune_policy(pretrained, config.mle, config.method, config.residual)
 
 
-def _check_data_matches(policy: MLEFinetunePolicy, arrays: dict) -> None:
+def _check_data_matches(policy: MLEFinetunePolicy | GFTFinetunePolicy, arrays: dict) -> None:
     for key, shape in policy.obs_shapes.items():
         if tuple(arrays[key].shape[1:]) != tuple(shape):
             raise ConfigError(f"finetune: data '{key}' has per-step shape {arrays[key].shape[1:]}, the pre-trained "
@@ -118,13 +136,28 @@ def finetune(config: FinetuneConfig) -> Path:
     config.data = resolve_data_config(config, policy.model)
     data = build_policy_data(config.data, pcfg.horizon, pcfg.n_obs_steps, pcfg.n_action_steps)
     _check_data_matches(policy, data.arrays)
+    if config.mle.cache_codes and config.mle.pairing == "inversion":
+        c = config.mle
+        fingerprint = {"checkpoint": str(Path(config.checkpoint).resolve()), "data": asdict(config.data),
+                       "encode": [c.encode_solver, c.encode_steps, c.encode_rtol, c.encode_atol],
+                       "windows": len(data.train), "method": config.method}
+        codes = cached_codes(policy, data.train, Path(config.run_dir) / CODES_FILE, fingerprint,
+                             progress=config.loop.progress)
+        data.train = SequenceDataset(data.train.sampler, {"code": codes})
     n_trainable = sum(p.numel() for p in policy.parameters())
     n_total = sum(p.numel() for p in policy.model.parameters())
+    if isinstance(policy, GFTFinetunePolicy):
+        g = policy.gft_config
+        objective = (f"{g.schedule} schedule w0 {g.w0:g} -> 0 at {g.anneal_fraction:g} of {config.loop.steps} steps"
+                     + (f" ({g.stages} stages, beta {g.beta:g})" if g.schedule == "step" else "")
+                     + f", teacher {g.teacher or config.checkpoint}" if g.w0 > 0 else "plain flow matching (w = 0)")
+    else:
+        objective = (f"decode {config.mle.decode_solver} x{config.mle.decode_steps}, pairing {config.mle.pairing}, "
+                     f"fm_weight {policy.fm_weight:g}")
     return run_trainer(
         policy, data, config,
         describe=f"finetune {config.method} of {config.checkpoint}: {n_trainable / 1e6:.3f} M of "
-                 f"{n_total / 1e6:.2f} M parameters trainable; decode {config.mle.decode_solver} "
-                 f"x{config.mle.decode_steps}, pairing {config.mle.pairing}, fm_weight {policy.fm_weight:g}; "
+                 f"{n_total / 1e6:.2f} M parameters trainable; {objective}; "
                  f"{len(data.train)} training windows of {data.source}",
         session_extra={"method": config.method},
     )
@@ -133,13 +166,19 @@ def finetune(config: FinetuneConfig) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fm-policy finetune",
-        description="Fine-tune a pre-trained flow policy by MLE of reconstructions (FT-FM) or through a contracting "
-                    "residual (ResFT-FM).",
-        epilog="Example: fm-policy finetune --method mle --checkpoint runs/pusht_flow/checkpoints/step_20000/ema "
-               "run_dir=runs/pusht_ftfm mle.decode_steps=1 loop.steps=5000",
+        description="Fine-tune a pre-trained flow policy: by MLE of reconstructions (mle, FT-FM), through a "
+                    "contracting residual (residual, ResFT-FM), by gradual fine-tuning toward new data (gft), or by "
+                    "plain flow-matching fine-tuning (ft).",
+        epilog="Examples: fm-policy finetune --method mle --checkpoint runs/pusht_flow/checkpoints/step_20000/ema "
+               "run_dir=runs/pusht_ftfm mle.decode_steps=1 loop.steps=5000; "
+               "fm-policy finetune --method gft --checkpoint runs/pusht_flow/checkpoints/step_20000/ema "
+               "--data data/pusht_goal.zarr run_dir=runs/pusht_gft optim.lr=3e-4 gft.w0=0.7 gft.anneal_fraction=0.6",
     )
-    parser.add_argument("--method", choices=METHODS, help="mle (whole network) or residual (default: the config's)")
+    parser.add_argument("--method", choices=METHODS,
+                        help="mle (whole network), residual, gft or ft (default: the config's)")
     parser.add_argument("--checkpoint", help="the pre-trained policy directory (default: the config's checkpoint)")
+    parser.add_argument("--data", help="the store to fine-tune on, e.g. new demos (same as data.path=STORE; "
+                                       "default: the pre-training run's data)")
     parser.add_argument("--config", help="a YAML file, or the name of a config shipped in configs/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. mle.decode_steps=2")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -153,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.method = args.method
     if args.checkpoint:
         config.checkpoint = args.checkpoint
+    if args.data:
+        config.data.path = args.data
     if args.print_config:
         print(config_to_yaml(config))
         return 0
