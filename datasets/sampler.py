@@ -174,9 +174,14 @@ def make_dataloader(
     batches = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
     if skip_batches:
         batches = list(batches)[skip_batches:]
+    # The DataLoader draws its workers' base seed when an iterator is created: from the global torch RNG unless it
+    # has a generator. A resumed run creates one iterator more than the uninterrupted run did at that point, so
+    # without a generator every later noise / time draw would shift and resume would not be exact.
+    loader_generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
     return DataLoader(
         dataset,
         sampler=batches,
+        generator=loader_generator,
         batch_size=None,  # the sampler yields index batches; no per-sample collate
         num_workers=num_workers,
         pin_memory=pin_memory,

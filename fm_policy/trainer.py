@@ -295,11 +295,17 @@ class Trainer:
         self.policy.train()
         bar = tqdm(total=loop.steps, initial=self.step, desc="train", unit="step", disable=not loop.progress)
         recent: list[float] = []
+        # optional objective hook: a policy whose loss depends on training progress (e.g. the GFT weight schedule)
+        # defines on_train_step(step, total_steps) -> scalars to log; a pure function of the step keeps resume exact
+        step_hook = getattr(self.unwrapped, "on_train_step", None)
+        step_scalars: dict[str, float] = {}
         last_time, last_step = time.perf_counter(), self.step
         history: dict[str, list] = {"step": [], "loss": []}
         while self.step < loop.steps:
             epoch, skip = divmod(self.step, self.batches_per_epoch)
             for batch in self._batches(epoch, skip):
+                if step_hook is not None:
+                    step_scalars = step_hook(self.step, loop.steps) or {}
                 with self.accelerator.autocast():
                     loss = self.policy(batch)["loss"]  # forward = compute_loss, through the wrapper (DDP sync)
                 if not torch.isfinite(loss):
@@ -328,9 +334,11 @@ class Trainer:
                     history["step"].append(self.step)
                     history["loss"].append(mean_loss)
                     lr = self.scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", steps_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", steps_s=f"{rate:.1f}",
+                                    **{k: f"{v:.3g}" for k, v in step_scalars.items()})
                     self._log({"train/loss": mean_loss, "train/lr": lr, "train/steps_per_s": rate,
-                               "train/samples_per_s": rate * loop.batch_size})
+                               "train/samples_per_s": rate * loop.batch_size,
+                               **{f"train/{k}": v for k, v in step_scalars.items()}})
                 if loop.val_every and self.step % loop.val_every == 0:
                     val = self.validation_loss()
                     if val is not None:

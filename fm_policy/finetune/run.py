@@ -136,11 +136,11 @@ def finetune(config: FinetuneConfig) -> Path:
     config.data = resolve_data_config(config, policy.model)
     data = build_policy_data(config.data, pcfg.horizon, pcfg.n_obs_steps, pcfg.n_action_steps)
     _check_data_matches(policy, data.arrays)
-    if config.mle.cache_codes and config.mle.pairing == "inversion":
+    if config.method not in GFT_METHODS and config.mle.cache_codes and config.mle.pairing == "inversion":
         c = config.mle
         fingerprint = {"checkpoint": str(Path(config.checkpoint).resolve()), "data": asdict(config.data),
                        "encode": [c.encode_solver, c.encode_steps, c.encode_rtol, c.encode_atol],
-                       "windows": len(data.train), "method": config.method}
+                       "windows": len(data.train)}  # not the method: mle and residual encode with the same field
         codes = cached_codes(policy, data.train, Path(config.run_dir) / CODES_FILE, fingerprint,
                              progress=config.loop.progress)
         data.train = SequenceDataset(data.train.sampler, {"code": codes})

@@ -1,0 +1,591 @@
+"""Benchmark: gradual fine-tuning (GFT) vs plain fine-tuning (FT) vs training from scratch on a Push-T variant.
+
+    python -m fm_policy.eval.bench_gft --pretrained runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema \\
+        [--goal 190,310,-1.0] [--demos 10,25,50,100] [--seeds 3] [--steps 3000] [--eval-every 500] [--episodes 50] \\
+        [--label 'full run'] [--json docs/results/gft.json] [--md docs/results/gft.md] [--plots docs/results]
+
+The distribution shift (docs/gradual_finetuning.md 7.2): the pre-trained Push-T policy pushes the T to gym-pusht's
+goal (256, 256, pi/4); the variant moves the goal (default (190, 310, -1.0), which the scripted expert solves 100/100).
+The keypoint observation does not show the goal, so the pre-trained policy cannot succeed on the variant without
+adaptation. Steps:
+
+1. collect `max(demos)` expert demos of the variant (env seeds data_seed.., reused when the store exists);
+2. for each demo count N (a fixed subset of N episodes, the same for every method and seed) and each seed, train
+   - scratch: the pre-trained policy's architecture and recipe, from random weights, on the N demos;
+   - ft:      the pre-trained EMA policy fine-tuned by plain flow matching (`fm-policy finetune --method ft`);
+   - gft:     the same, with the GFT objective (`--method gft`, w0 -> 0 over `gft_anneal_fraction` of the steps);
+   ft and gft share every setting (lr, steps, batch, EMA, seed: the same batches, noise and times), so they differ
+   only by the teacher term;
+3. evaluate every `eval_every`-step checkpoint (EMA weights) on the variant at the deployment step count
+   (`--deploy-steps`, 8): success across training and its area under the curve (AUC: trapezoid mean of the success
+   curve over the evaluated checkpoints); the final checkpoint also at every `--num-steps` (1, 2, 8), its retention
+   (success on the ORIGINAL goal) and its average ODE path length (sum of Euler step lengths, 100 steps, normalised
+   action chunks, on `--path-obs` observation windows of the variant demos; straightness = length / displacement).
+
+Every evaluation uses the same env seeds (from 100000) and the harness's fixed initial noise, so methods are
+compared on identical episodes. Runs are cached (`<run_root>/demos<N>/<method>/seed<k>/bench_result.json`), so an
+interrupted benchmark resumes where it stopped; the results JSON records hardware, commands and CPU/wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fm_policy.eval.bench_common import cpu_name, write_results
+
+METHODS: tuple[str, ...] = ("scratch", "ft", "gft")
+DEFAULT_GOAL: tuple[float, float, float] = (190.0, 310.0, -1.0)
+ORIGINAL_GOAL_NAME = "gym-pusht default (256, 256, pi/4)"
+
+
+@dataclass
+class BenchConfig:
+    """Everything that determines the benchmark's numbers (stored with them)."""
+
+    pretrained: str = "runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema"
+    goal: list[float] = field(default_factory=lambda: list(DEFAULT_GOAL))
+    demos: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
+    seeds: int = 3
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    steps: int = 3000
+    eval_every: int = 500
+    episodes: int = 50
+    num_steps: list[int] = field(default_factory=lambda: [1, 2, 8])
+    deploy_steps: int = 8
+    batch_size: int = 64
+    ft_lr: float = 3e-4
+    scratch_lr: float = 1e-3
+    gft_schedule: str = "linear"
+    gft_w0: float = 0.7
+    gft_anneal_fraction: float = 0.6
+    data: str = ""  # the variant store; "" = data/pusht_goal_<x>_<y>_<angle>_n<max demos>.zarr
+    data_seed: int = 0
+    collect_workers: int = 1
+    run_root: str = "runs/bench_gft"
+    path_obs: int = 256
+    path_steps: int = 100
+    eval_seed_start: int = 100000
+
+    def validate(self) -> None:
+        problems = []
+        if len(self.goal) != 3:
+            problems.append(f"goal must be X,Y,ANGLE, got {self.goal}")
+        if not self.demos or min(self.demos) < 1:
+            problems.append(f"demos must be positive counts, got {self.demos}")
+        if self.seeds < 1:
+            problems.append(f"seeds must be >= 1, got {self.seeds}")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not self.methods:
+            problems.append(f"methods must be a subset of {list(METHODS)}, got {self.methods}")
+        if self.steps < 1 or self.eval_every < 1 or self.eval_every > self.steps:
+            problems.append(f"need 1 <= eval_every <= steps, got eval_every {self.eval_every}, steps {self.steps}")
+        if self.episodes < 1:
+            problems.append(f"episodes must be >= 1, got {self.episodes}")
+        if self.deploy_steps not in self.num_steps:
+            problems.append(f"deploy_steps {self.deploy_steps} must be one of num_steps {self.num_steps}")
+        if problems:
+            raise SystemExit("bench_gft: " + "; ".join(problems))
+
+    @property
+    def store(self) -> str:
+        if self.data:
+            return self.data
+        x, y, a = self.goal
+        return f"data/pusht_goal_{x:g}_{y:g}_{a:g}_n{max(self.demos)}.zarr"
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        return sorted({*range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def ensure_variant_demos(cfg: BenchConfig) -> dict[str, Any]:
+    """Collect the variant's expert demos once; an existing store must have the goal and enough episodes."""
+    from fm_policy.datasets.collect import CollectConfig, collect
+    from fm_policy.datasets.replay_buffer import ReplayBuffer
+
+    path, need = cfg.store, max(cfg.demos)
+    if os.path.exists(path):
+        with ReplayBuffer.open(path) as buffer:
+            goal = buffer.attrs.get("source", {}).get("goal_pose")
+            n = buffer.n_episodes
+        if goal is None or not np.allclose(goal, cfg.goal) or n < need:
+            raise SystemExit(f"bench_gft: {path} holds {n} episodes with goal {goal}; need {need} with goal "
+                             f"{cfg.goal} (delete it or pass --data)")
+        return {"store": path, "episodes": n, "collected_now": False, "seconds": 0.0}
+    start = time.perf_counter()
+    summary = collect(CollectConfig(env="pusht", episodes=need, out=path, workers=cfg.collect_workers,
+                                    obs=("state", "keypoints"), seed=cfg.data_seed,
+                                    env_kwargs={"goal_pose": list(cfg.goal)}), progress=False)
+    return {"store": path, "episodes": summary["episodes"], "collected_now": True,
+            "seconds": round(time.perf_counter() - start, 1), "skipped_env_seeds": summary["skipped_env_seeds"]}
+
+
+def _data_config(cfg: BenchConfig, n_demos: int):
+    from fm_policy.datasets.policy_data import DataConfig
+
+    # no validation split (few demos); a fixed subset of n_demos episodes (split_seed), the same for all methods
+    return DataConfig(path=cfg.store, obs_keys=["keypoints"], val_ratio=0.0, split_seed=42,
+                      max_train_episodes=n_demos)
+
+
+# ---------------------------------------------------------------------------------------------------------------- runs
+def train_run(cfg: BenchConfig, method: str, n_demos: int, seed: int, run_dir: Path) -> Path:
+    """Train one (method, N, seed) run with the package's own entry points; returns the run directory."""
+    from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig
+
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=seed, log_every=max(1, cfg.steps // 10),
+                      checkpoint_every=cfg.eval_every, keep_checkpoints=len(cfg.checkpoint_steps) + 1, val_every=0,
+                      progress=False, torch_threads=1)
+    data = _data_config(cfg, n_demos)
+    if method == "scratch":
+        from fm_policy.policy import load_policy
+        from fm_policy.train import TrainConfig, train
+
+        policy_cfg = copy.deepcopy(load_policy(cfg.pretrained).config)  # same architecture and flow settings
+        policy_cfg.obs_shapes, policy_cfg.action_dim = {}, 0
+        train(TrainConfig(run_dir=str(run_dir), data=data, policy=policy_cfg,
+                          optim=OptimConfig(lr=cfg.scratch_lr, warmup_steps=min(200, cfg.steps // 10)),
+                          ema=EMAConfig(), loop=loop))
+    else:
+        from fm_policy.finetune.gft import GFTConfig
+        from fm_policy.finetune.run import FinetuneConfig, finetune
+
+        gft = GFTConfig(schedule=cfg.gft_schedule, w0=cfg.gft_w0, anneal_fraction=cfg.gft_anneal_fraction)
+        finetune(FinetuneConfig(checkpoint=cfg.pretrained, method=method, run_dir=str(run_dir), gft=gft, data=data,
+                                optim=OptimConfig(lr=cfg.ft_lr, warmup_steps=min(100, cfg.steps // 20)),
+                                ema=EMAConfig(), loop=loop))
+    return run_dir
+
+
+def _evaluate(policy: Any, cfg: BenchConfig, goal: Sequence[float] | None, num_steps: Sequence[int]) -> dict:
+    from fm_policy.eval.run import evaluate_policy
+
+    kwargs = {} if goal is None else {"goal_pose": tuple(goal)}
+    report = evaluate_policy(policy, "pusht", kwargs, cfg.episodes, list(num_steps), cfg.eval_seed_start,
+                             progress=False)
+    return {str(s.num_steps): {"success": s.success.value, "score": s.score.value,
+                               "success_ci": [s.success.lo, s.success.hi]} for s in report.settings}
+
+
+@torch.no_grad()
+def ode_path_length(policy: Any, obs: dict[str, torch.Tensor], num_steps: int = 100, seed: int = 0) -> dict:
+    """Average length of the Euler path noise -> action chunk and its straightness (length / |x1 - x0|, 1 = a
+    straight line): the notes' proxy for how easy few-step inference is. Measured in env action units (Push-T:
+    pixels, the chunk flattened), because a policy trained from scratch has its own normaliser, so normalised
+    lengths would not be comparable across methods."""
+    from fm_policy.flow_matching import sample_noise
+    from fm_policy.solvers import solve
+
+    cond = policy.encode_obs(obs)
+    shape = (cond.shape[0], policy.config.horizon, policy.config.action_dim)
+    x0 = sample_noise(shape, generator=torch.Generator().manual_seed(seed))
+    traj = solve(lambda t, x: policy.velocity(t, x, cond), x0, "euler", num_steps, return_trajectory=True).trajectory
+    traj = policy.normalizer.unnormalize("action", traj.reshape(-1, *shape[1:])).reshape(traj.shape)
+    steps = (traj[1:] - traj[:-1]).flatten(2).norm(dim=-1)  # (num_steps, B)
+    length = steps.sum(0)
+    displacement = (traj[-1] - traj[0]).flatten(1).norm(dim=-1)
+    return {"path_length": float(length.mean()), "straightness": float((length / displacement).mean())}
+
+
+def _path_obs(cfg: BenchConfig, policy: Any) -> dict[str, torch.Tensor]:
+    """`path_obs` observation windows drawn (fixed seed) from all variant demos in the store."""
+    from fm_policy.datasets.policy_data import DataConfig, build_policy_data
+    from fm_policy.datasets.sampler import make_dataloader
+
+    pc = policy.config
+    data = build_policy_data(DataConfig(path=cfg.store, obs_keys=list(policy.obs_shapes), val_ratio=0.0),
+                             pc.horizon, pc.n_obs_steps, pc.n_action_steps)
+    batch = next(iter(make_dataloader(data.train, min(cfg.path_obs, len(data.train)), seed=0)))
+    return {k: batch[k] for k in policy.obs_shapes}
+
+
+def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: bool,
+           deploy_result: dict | None = None) -> dict:
+    """Variant success/score at the deployment step count; for a final model also the other step counts, retention
+    on the original goal and the path length."""
+    policy.eval()
+    if not final:
+        return {"variant": _evaluate(policy, cfg, cfg.goal, [cfg.deploy_steps])}
+    others = [n for n in cfg.num_steps if deploy_result is None or n != cfg.deploy_steps]
+    variant = _evaluate(policy, cfg, cfg.goal, others) if others else {}
+    if deploy_result is not None:
+        variant.update(deploy_result)
+    variant = {str(n): variant[str(n)] for n in cfg.num_steps}
+    return {"variant": variant, "original": _evaluate(policy, cfg, None, [cfg.deploy_steps]),
+            **ode_path_length(policy, obs, cfg.path_steps)}
+
+
+def run_and_assess(cfg: BenchConfig, method: str, n_demos: int, seed: int, obs: dict[str, torch.Tensor]) -> dict:
+    """Train, then evaluate every checkpoint; cached in the run directory."""
+    from fm_policy.policy import load_policy
+
+    run_dir = Path(cfg.run_root) / f"demos{n_demos}" / method / f"seed{seed}"
+    cache = run_dir / "bench_result.json"
+    settings = {"config": _run_settings(cfg), "method": method, "demos": n_demos, "seed": seed}
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings:
+            return cached | {"from_cache": True}
+        raise SystemExit(f"bench_gft: {run_dir} holds a run with other settings; use another --run-root")
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    train_run(cfg, method, n_demos, seed, run_dir)
+    train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    curve, final = [], {}
+    for step in cfg.checkpoint_steps:
+        policy = load_policy(run_dir / "checkpoints" / f"step_{step}" / "ema")
+        result = assess(policy, cfg, obs, final=False)
+        curve.append({"step": step, **result["variant"][str(cfg.deploy_steps)]})
+        if step == cfg.steps:
+            final = assess(policy, cfg, obs, final=True, deploy_result=result["variant"])
+    record = {"settings": settings, "curve": curve, "final": final, "train_cpu_s": round(train_cpu, 1),
+              "train_wall_s": round(train_wall, 1), "total_cpu_s": round(time.process_time() - cpu0, 1),
+              "total_wall_s": round(time.perf_counter() - wall0, 1)}
+    cache.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _run_settings(cfg: BenchConfig) -> dict:
+    keep = ("pretrained", "goal", "steps", "eval_every", "episodes", "num_steps", "deploy_steps", "batch_size",
+            "ft_lr", "scratch_lr", "gft_schedule", "gft_w0", "gft_anneal_fraction", "data_seed", "path_obs",
+            "path_steps", "eval_seed_start")
+    return {k: v for k, v in asdict(cfg).items() if k in keep} | {"store": cfg.store}
+
+
+# ---------------------------------------------------------------------------------------------------------------- stats
+def auc(curve: list[dict]) -> float:
+    """Trapezoid mean of the success curve over the evaluated checkpoints (1 point: that point's value)."""
+    steps = np.array([c["step"] for c in curve], dtype=float)
+    values = np.array([c["success"] for c in curve], dtype=float)
+    if len(steps) == 1:
+        return float(values[0])
+    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per (demos, method): mean, sample std and count over seeds of every reported metric."""
+    out: dict[str, dict[str, dict]] = {}
+    for n in cfg.demos:
+        for method in cfg.methods:
+            group = [r for r in runs if r["settings"]["demos"] == n and r["settings"]["method"] == method]
+            if not group:
+                continue
+            metrics: dict[str, list[float]] = {}
+            for r in group:
+                f = r["final"]
+                for ns in cfg.num_steps:
+                    metrics.setdefault(f"success@{ns}", []).append(f["variant"][str(ns)]["success"])
+                    metrics.setdefault(f"score@{ns}", []).append(f["variant"][str(ns)]["score"])
+                metrics.setdefault("auc", []).append(auc(r["curve"]))
+                metrics.setdefault("worst_checkpoint", []).append(min(c["success"] for c in r["curve"]))
+                metrics.setdefault("retention", []).append(f["original"][str(cfg.deploy_steps)]["success"])
+                metrics.setdefault("retention_score", []).append(f["original"][str(cfg.deploy_steps)]["score"])
+                metrics.setdefault("path_length", []).append(f["path_length"])
+                metrics.setdefault("straightness", []).append(f["straightness"])
+                metrics.setdefault("train_cpu_s", []).append(r["train_cpu_s"])
+            stats = {k: _mean_std(v) for k, v in metrics.items()}
+            steps = cfg.checkpoint_steps
+            stats["curve"] = {"step": steps, **{
+                key: [_mean_std([next(c[key] for c in r["curve"] if c["step"] == s) for r in group]) for s in steps]
+                for key in ("success", "score")}}
+            out.setdefault(str(n), {})[method] = stats
+    return out
+
+
+def compare(a: dict[str, float], b: dict[str, float], higher_is_better: bool = True) -> str:
+    """win / tie / loss of a against b: a difference of means beyond 2 standard errors (over seeds) counts."""
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1))
+    if not higher_is_better:
+        diff = -diff
+    if abs(diff) <= max(2 * se, 1e-9):
+        return "tie"
+    return "win" if diff > 0 else "loss"
+
+
+# ---------------------------------------------------------------------------------------------------------------- report
+def _fmt(stat: dict[str, float] | None, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
+    lines = []
+    checks = [(f"success@{cfg.deploy_steps}", True), ("auc", True), ("success@1", True), ("retention", True),
+              ("path_length", False)]
+    for n, by_method in agg.items():
+        if "gft" not in by_method:
+            continue
+        for other in ("ft", "scratch"):
+            if other not in by_method:
+                continue
+            parts = []
+            for key, higher in checks:
+                if key in by_method["gft"] and key in by_method[other]:
+                    parts.append(f"{key} {compare(by_method['gft'][key], by_method[other][key], higher)}")
+            lines.append(f"- {n} demos, GFT vs {other.upper()}: " + ", ".join(parts))
+    return lines
+
+
+def markdown(result: dict) -> str:
+    cfg = BenchConfig(**result["config"])
+    agg, pre = result["aggregate"], result["pretrained"]
+    ns = cfg.num_steps
+    lines = [f"# Gradual fine-tuning (GFT) on a Push-T goal variant{': ' + result['label'] if result['label'] else ''}",
+             ""]
+    if result["label"]:
+        lines += [(f"> **{result['label']}.** The numbers below come from this configuration only; see the command. "
+                  "They are not the full benchmark (demos 10/25/50/100, >= 3 seeds, thousands of steps, 50+ episodes "
+                  "per evaluation)."), ""]
+    lines += [
+        (f"Variant: Push-T with the T's goal at {tuple(cfg.goal)} instead of {ORIGINAL_GOAL_NAME}; "
+        f"{result['data']['episodes']} expert demos in `{result['data']['store']}` (env seeds {cfg.data_seed}..), of "
+        f"which a fixed subset of N is used. Pre-trained policy: `{cfg.pretrained}` "
+        f"(trained on `{result['pretrained_data'] or '?'}`, default goal)."),
+        "",
+        (f"Training: {cfg.steps} steps at batch {cfg.batch_size}, EMA, {cfg.seeds} seed(s) per cell; scratch lr "
+        f"{cfg.scratch_lr:g} (the pre-training recipe), ft/gft lr {cfg.ft_lr:g}; GFT {cfg.gft_schedule} schedule "
+        f"w0 {cfg.gft_w0:g} -> 0 at {cfg.gft_anneal_fraction:g} of the steps. Evaluation: {cfg.episodes} episodes "
+        f"(env seeds {cfg.eval_seed_start}..) per checkpoint and setting, the same episodes and initial noise for "
+        f"every model; checkpoints every {cfg.eval_every} steps (EMA weights) at {cfg.deploy_steps} Euler steps."),
+        "",
+        "## Pre-trained policy before fine-tuning",
+        "",
+        "| task | " + " | ".join(f"success@{n}" for n in ns) + " | score@" + str(cfg.deploy_steps) + " |",
+        "| --- | " + " | ".join("---" for _ in ns) + " | --- |",
+        "| variant goal | " + " | ".join(f"{pre['variant'][str(n)]['success']:.2f}" for n in ns)
+        + f" | {pre['variant'][str(cfg.deploy_steps)]['score']:.2f} |",
+        "| original goal | " + " | ".join(f"{pre['original'][str(n)]['success']:.2f}" if str(n) in pre["original"]
+                                          else "-" for n in ns)
+        + f" | {pre['original'][str(cfg.deploy_steps)]['score']:.2f} |",
+        "",
+        f"Path length {pre['path_length']:.2f}, straightness {pre['straightness']:.3f}.",
+        "",
+        "## Results on the variant (mean ± std over seeds)",
+        "",
+        ("Success/score: final checkpoint. AUC: trapezoid mean of the success-vs-step curve over the evaluated "
+        "checkpoints. Worst: the lowest checkpoint success. Retention: success on the original goal at "
+        f"{cfg.deploy_steps} steps. Path: average Euler path length over {cfg.path_steps} steps (action units: pixels) "
+        "and straightness (length / displacement, 1 = straight)."),
+        "",
+        "| demos | method | " + " | ".join(f"success@{n}" for n in ns) + f" | score@{cfg.deploy_steps} | AUC | worst "
+        "| retention | path length | straightness | train CPU s |",
+        "| --- | --- | " + " | ".join("---" for _ in ns) + " | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, by_method in agg.items():
+        for method, s in by_method.items():
+            lines.append(
+                f"| {n} | {method} | " + " | ".join(_fmt(s[f"success@{k}"]) for k in ns)
+                + f" | {_fmt(s[f'score@{cfg.deploy_steps}'])} | {_fmt(s['auc'])} | {_fmt(s['worst_checkpoint'])} "
+                f"| {_fmt(s['retention'])} | {_fmt(s['path_length'])} | {_fmt(s['straightness'], 3)} "
+                f"| {s['train_cpu_s']['mean']:.0f} |")
+    lines += ["", "## GFT against the baselines", "",
+              ("Per cell: a difference of means beyond 2 standard errors over seeds is a win/loss, else a tie "
+              "(path length: shorter wins)."), "", *verdicts(cfg, agg), ""]
+    for name, title in (("plot_demos", "Success vs number of demos"), ("plot_steps", "Success vs training steps")):
+        if result.get(name):
+            lines += [f"## {title}", "", f"![{title}]({os.path.basename(result[name])})", ""]
+    t = result["timing"]
+    lines += [
+        "## Command, hardware, time", "",
+        "```", result["command"], "```", "",
+        (f"Hardware: {result['hardware']}. Time: the {len(result['runs'])} training runs with their evaluations took "
+         f"{t['runs_cpu_s']:.0f} CPU s ({t['runs_wall_s']:.0f} s wall) in total"
+         + (f", plus {t['pretrained_eval_cpu_s']:.0f} CPU s for evaluating the pre-trained policy"
+            if t.get("pretrained_eval_cpu_s") is not None else "")
+         + (f"; {t['runs_from_cache']} of the runs were cached by an earlier invocation of the same command, so this "
+            f"process itself used {t['cpu_s']:.0f} CPU s, {t['wall_s']:.0f} s wall" if t["runs_from_cache"] else
+            f"; this process: {t['cpu_s']:.0f} CPU s, {t['wall_s']:.0f} s wall")
+         + f" (load average {t['load_start']:.2f} at start, {t['load_end']:.2f} at end on {os.cpu_count()} cores; "
+         f"wall time is an upper bound on a shared machine). Date: {result['date']}."),
+        "",
+    ]
+    if result.get("notes"):
+        lines += ["Notes:", "", *[f"- {note}" for note in result["notes"]], ""]
+    return "\n".join(lines)
+
+
+def plot(cfg: BenchConfig, agg: dict, out_dir: str) -> tuple[str | None, str | None]:
+    """success@deploy vs demos (one line per method) and success vs training step (one panel per demo count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    key = f"success@{cfg.deploy_steps}"
+    colors = {"scratch": "tab:gray", "ft": "tab:blue", "gft": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in cfg.methods:
+        xs = [int(n) for n in agg if method in agg[n]]
+        if not xs:
+            continue
+        m = [agg[str(n)][method][key]["mean"] for n in xs]
+        s = [agg[str(n)][method][key]["std"] for n in xs]
+        ax.errorbar(xs, m, yerr=s, marker="o", capsize=3, label=method, color=colors[method])
+    ax.set_xscale("log")
+    ax.minorticks_off()  # only the demo counts as ticks (no "2 x 10^1" labels)
+    ax.set_xticks([int(n) for n in agg], [str(n) for n in agg])
+    ax.set_xlabel("variant demos")
+    ax.set_ylabel(f"final success ({cfg.deploy_steps} Euler steps)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    demos_path = os.path.join(out_dir, "gft_success_vs_demos.png")
+    fig.savefig(demos_path, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(agg), figsize=(4 * len(agg), 3.3), sharey=True, squeeze=False)
+    for ax, (n, by_method) in zip(axes[0], agg.items()):
+        for method, s in by_method.items():
+            steps = s["curve"]["step"]
+            m = np.array([p["mean"] for p in s["curve"]["success"]])
+            sd = np.array([p["std"] for p in s["curve"]["success"]])
+            ax.plot(steps, m, marker="o", label=method, color=colors[method])
+            ax.fill_between(steps, m - sd, m + sd, alpha=0.2, color=colors[method])
+        ax.set_title(f"{n} demos")
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"success ({cfg.deploy_steps} Euler steps)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    steps_path = os.path.join(out_dir, "gft_success_vs_steps.png")
+    fig.savefig(steps_path, dpi=120)
+    plt.close(fig)
+    return demos_path, steps_path
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+def _pretrained_data(checkpoint: str) -> str | None:
+    from fm_policy.finetune.contraction import _pretraining_run_config
+
+    run = _pretraining_run_config(Path(checkpoint))
+    return (run or {}).get("data", {}).get("path")
+
+
+def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: Sequence[str] = ()) -> dict:
+    from fm_policy.policy import load_policy
+
+    cfg.validate()
+    torch.set_num_threads(1)
+    cpu0, wall0, load0 = time.process_time(), time.perf_counter(), os.getloadavg()[0]
+    data = ensure_variant_demos(cfg)
+    pretrained = load_policy(cfg.pretrained)
+    obs = _path_obs(cfg, pretrained)
+    cache = Path(cfg.run_root) / "pretrained_result.json"
+    settings = _run_settings(cfg)
+    if cache.exists() and json.loads(cache.read_text()).get("settings") == settings:
+        cached = json.loads(cache.read_text())
+        pre, pre_cpu = cached["result"], cached.get("cpu_s")
+    else:
+        pre_start = time.process_time()
+        pre = assess(pretrained, cfg, obs, final=True)
+        pre_cpu = round(time.process_time() - pre_start, 1)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"settings": settings, "result": pre, "cpu_s": pre_cpu}, indent=2))
+    runs = []
+    for n in cfg.demos:
+        for seed in range(cfg.seeds):
+            for method in cfg.methods:
+                record = run_and_assess(cfg, method, n, seed, obs)
+                runs.append(record)
+                print(f"demos {n} seed {seed} {method}: success@{cfg.deploy_steps} "
+                      f"{record['final']['variant'][str(cfg.deploy_steps)]['success']:.2f}, AUC "
+                      f"{auc(record['curve']):.2f}, retention "
+                      f"{record['final']['original'][str(cfg.deploy_steps)]['success']:.2f} "
+                      f"({record['total_cpu_s']:.0f} CPU s)", flush=True)
+    agg = aggregate(cfg, runs)
+    return {
+        "label": label, "command": command, "config": asdict(cfg), "data": data,
+        "pretrained_data": _pretrained_data(cfg.pretrained), "pretrained": pre, "runs": runs, "aggregate": agg,
+        "hardware": f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
+        "timing": {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "load_start": load0,
+                   "load_end": os.getloadavg()[0], "runs_cpu_s": round(sum(r["total_cpu_s"] for r in runs), 1),
+                   "runs_wall_s": round(sum(r["total_wall_s"] for r in runs), 1), "pretrained_eval_cpu_s": pre_cpu,
+                   "runs_from_cache": sum(bool(r.get("from_cache")) for r in runs)},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": list(notes),
+    }
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m fm_policy.eval.bench_gft", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", default=d.pretrained, help="the pre-trained flow policy (its EMA folder)")
+    p.add_argument("--goal", default=",".join(f"{v:g}" for v in d.goal), help="variant goal X,Y,ANGLE")
+    p.add_argument("--demos", type=_ints, default=d.demos, help="demo counts, e.g. 10,25,50,100")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="training seeds per (demos, method) cell")
+    p.add_argument("--methods", default=",".join(d.methods), help="subset of scratch,ft,gft")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="checkpoint / evaluation interval")
+    p.add_argument("--episodes", type=int, default=d.episodes, help="episodes per evaluation")
+    p.add_argument("--num-steps", type=_ints, default=d.num_steps, help="Euler step counts for the final models")
+    p.add_argument("--deploy-steps", type=int, default=d.deploy_steps, help="step count of the training curves")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--ft-lr", type=float, default=d.ft_lr, help="learning rate of ft and gft")
+    p.add_argument("--scratch-lr", type=float, default=d.scratch_lr)
+    p.add_argument("--gft-schedule", default=d.gft_schedule, choices=("linear", "cosine", "step"))
+    p.add_argument("--gft-w0", type=float, default=d.gft_w0)
+    p.add_argument("--gft-anneal-fraction", type=float, default=d.gft_anneal_fraction)
+    p.add_argument("--data", default=d.data, help="variant store (default: data/pusht_goal_..._n<max demos>.zarr)")
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--collect-workers", type=int, default=d.collect_workers)
+    p.add_argument("--run-root", default=d.run_root, help="where runs are trained and cached")
+    p.add_argument("--path-obs", type=int, default=d.path_obs)
+    p.add_argument("--path-steps", type=int, default=d.path_steps)
+    p.add_argument("--label", default="", help="a banner for the report, e.g. 'reduced CPU smoke run'")
+    p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
+    p.add_argument("--json", default="docs/results/gft.json")
+    p.add_argument("--md", default="docs/results/gft.md")
+    p.add_argument("--plots", default="docs/results", help="folder for the PNG plots")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = BenchConfig(
+        pretrained=args.pretrained, goal=[float(v) for v in args.goal.split(",")], demos=args.demos,
+        seeds=args.seeds, methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps,
+        eval_every=args.eval_every, episodes=args.episodes, num_steps=args.num_steps, deploy_steps=args.deploy_steps,
+        batch_size=args.batch_size, ft_lr=args.ft_lr, scratch_lr=args.scratch_lr, gft_schedule=args.gft_schedule,
+        gft_w0=args.gft_w0, gft_anneal_fraction=args.gft_anneal_fraction, data=args.data, data_seed=args.data_seed,
+        collect_workers=args.collect_workers, run_root=args.run_root, path_obs=args.path_obs,
+        path_steps=args.path_steps,
+    )
+    command = "python -m fm_policy.eval.bench_gft " + " ".join(shlex.quote(a) for a in (
+        sys.argv[1:] if argv is None else argv))
+    result = run_benchmark(cfg, label=args.label, command=command, notes=args.note)
+    result["plot_demos"], result["plot_steps"] = plot(cfg, result["aggregate"], args.plots)
+    text = markdown(result)
+    write_results(result, args.json, args.md, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
