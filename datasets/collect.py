@@ -54,6 +54,17 @@ class CollectConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
 
 
+_ENV_COLLECT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pusht": {"obs": ("state", "keypoints"), "max_steps": 300},
+    "kitchen": {"obs": ("state",), "max_steps": 280},
+}
+
+
+def env_collect_defaults(env: str) -> dict[str, Any]:
+    """Per-env defaults for `obs` and `max_steps` (CollectConfig's own defaults are Push-T's)."""
+    return dict(_ENV_COLLECT_DEFAULTS.get(env, _ENV_COLLECT_DEFAULTS["pusht"]))
+
+
 # ---------------------------------------------------------------- worker side
 _RECORDER: EpisodeRecorder | None = None
 

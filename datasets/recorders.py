@@ -105,7 +105,61 @@ class PushTRecorder:
         }
 
 
-RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {"pusht": PushTRecorder}
+class KitchenRecorder:
+    """Franka Kitchen with the scripted IK expert. Stored keys: `state` (59) float32 (the env's noisy observation,
+    what a policy sees), `action` (9) float32, `completed` (K) float32: which of the K configured tasks are done after
+    action t (in the order of `tasks`). Success = every task the expert planned is done (all of `tasks` unless a
+    `subset_size` is set); the env's own completion info decides, so failed demos never enter the store."""
+
+    def __init__(self, obs_modes: Sequence[str] = ("state",), max_steps: int = 280,
+                 tasks: Sequence[str] | str | None = None, task_order: str = "given", subset_size: int | None = None,
+                 **env_kwargs: Any):
+        from fm_policy.datasets.experts.kitchen import KitchenExpert, KitchenExpertConfig
+        from fm_policy.envs import make_env
+        from fm_policy.envs.kitchen import COMPLETE_TASKS, parse_tasks
+
+        unknown = set(obs_modes) - {"state"}
+        if unknown:
+            raise ValueError(f"Franka Kitchen stores only the 'state' observation, got {sorted(unknown)}")
+        self.tasks = parse_tasks(COMPLETE_TASKS if tasks is None else tasks)
+        self.env = make_env("kitchen", tasks=list(self.tasks), max_episode_steps=max_steps, **env_kwargs)
+        self.env_kwargs = dict(env_kwargs)
+        self.max_steps = max_steps
+        self.expert_config = KitchenExpertConfig(task_order=task_order, subset_size=subset_size)
+        self.expert = KitchenExpert(self.env, self.expert_config)
+
+    def record(self, env_seed: int, planner_seed: int) -> Episode:
+        obs, info = self.env.reset(seed=env_seed)
+        plan = self.expert.reset(planner_seed, self.tasks)
+        rows: dict[str, list[np.ndarray]] = {"state": [], "action": [], "completed": []}
+        for _ in range(self.max_steps):
+            action = self.expert.act(obs["state"])  # float32: the stored action is exactly the executed one
+            rows["state"].append(obs["state"])
+            obs, _, terminated, truncated, info = self.env.step(action)
+            rows["action"].append(action)
+            rows["completed"].append(np.array([info[f"completed/{t}"] for t in self.tasks], dtype=np.float32))
+            done_plan = all(info[f"completed/{t}"] for t in plan)
+            # a subset plan never triggers the env's all-tasks termination: stop once its tasks are done
+            if terminated or truncated or (done_plan and self.expert.finished):
+                break
+        data = {k: np.stack(v) for k, v in rows.items()}
+        success = all(info[f"completed/{t}"] for t in plan)
+        return Episode(data=data, success=success, steps=len(data["action"]), final_score=float(info["n_completed"]))
+
+    def dataset_attrs(self) -> dict[str, Any]:
+        return {
+            "env": "kitchen",
+            "env_id": "FrankaKitchen-v1",
+            "env_versions": {p: _version(p) for p in ("gymnasium-robotics", "mujoco", "gymnasium")},
+            "env_kwargs": self.env_kwargs,
+            "tasks": list(self.tasks),
+            "obs_modes": ["state"],
+            "max_steps": self.max_steps,
+            "expert": self.expert.describe(),
+        }
+
+
+RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {"pusht": PushTRecorder, "kitchen": KitchenRecorder}
 
 
 def make_recorder(env: str, **kwargs: Any) -> EpisodeRecorder:

@@ -15,17 +15,24 @@ EnvFactory = Callable[..., gym.Env]
 
 ObsKwargs = Callable[[list[str]], dict[str, Any]]
 
+EnvMetrics = Callable[[list[Any], dict[str, Any]], dict[str, Any]]
+"""`metrics(episodes, env_kwargs) -> {name: Estimate}`: env-specific aggregates of the harness's `EpisodeResult`s
+(Kitchen: p_1..p_K and the mean number of completed tasks), computed next to the generic score / success."""
+
 _REGISTRY: dict[str, EnvFactory] = {}
 _OBS_KWARGS: dict[str, ObsKwargs] = {}
+_METRICS: dict[str, EnvMetrics] = {}
 
 
 def register_env(
-    name: str, factory: EnvFactory, *, obs_kwargs: ObsKwargs | None = None, overwrite: bool = False
+    name: str, factory: EnvFactory, *, obs_kwargs: ObsKwargs | None = None, overwrite: bool = False,
+    metrics: EnvMetrics | None = None,
 ) -> None:
     """Register `factory(**kwargs) -> gym.Env` under `name`; re-registering a name needs `overwrite=True`.
 
     `obs_kwargs(obs_keys)` returns the factory kwargs that make the env emit those observation keys, so a saved
-    policy can be evaluated without the user restating its observation mode.
+    policy can be evaluated without the user restating its observation mode. `metrics` (optional) adds env-specific
+    evaluation metrics (see `EnvMetrics`).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"env name must be a non-empty str, got {name!r}")
@@ -36,6 +43,8 @@ def register_env(
     _REGISTRY[name] = factory
     if obs_kwargs is not None:
         _OBS_KWARGS[name] = obs_kwargs
+    if metrics is not None:
+        _METRICS[name] = metrics
 
 
 def available_envs() -> list[str]:
@@ -58,6 +67,11 @@ def env_kwargs_for_obs_keys(name: str, obs_keys: list[str]) -> dict[str, Any]:
     return hook(list(obs_keys)) if hook else {}
 
 
+def env_metrics(name: str) -> EnvMetrics | None:
+    """The env's extra evaluation metrics hook, or None if it has only the generic score / success."""
+    return _METRICS.get(name)
+
+
 def _make_pusht(**kwargs: Any) -> gym.Env:
     from .pusht import PushTEnv
 
@@ -71,3 +85,44 @@ def _pusht_obs_kwargs(obs_keys: list[str]) -> dict[str, Any]:
 
 
 register_env("pusht", _make_pusht, obs_kwargs=_pusht_obs_kwargs)
+
+
+def _make_kitchen(**kwargs: Any) -> gym.Env:
+    from .kitchen import KitchenEnv
+
+    return KitchenEnv(**kwargs)
+
+
+def _kitchen_obs_kwargs(obs_keys: list[str]) -> dict[str, Any]:
+    from .kitchen import check_obs_keys
+
+    check_obs_keys(obs_keys)
+    return {}
+
+
+def _kitchen_metrics(episodes: list[Any], env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    from .kitchen import kitchen_metrics
+
+    return kitchen_metrics([e.total_reward for e in episodes], env_kwargs)
+
+
+register_env("kitchen", _make_kitchen, obs_kwargs=_kitchen_obs_kwargs, metrics=_kitchen_metrics)
+
+
+def _robomimic_factory(task: str) -> EnvFactory:
+    def make(**kwargs: Any) -> gym.Env:
+        from .robomimic import RobomimicEnv
+
+        return RobomimicEnv(task=task, **kwargs)
+
+    return make
+
+
+def _robomimic_obs_kwargs(obs_keys: list[str]) -> dict[str, Any]:
+    from .robomimic import obs_kwargs_for_keys
+
+    return obs_kwargs_for_keys(obs_keys)
+
+
+for _task in ("lift", "can", "square"):  # robosuite Lift, PickPlaceCan, NutAssemblySquare through robomimic
+    register_env(f"robomimic/{_task}", _robomimic_factory(_task), obs_kwargs=_robomimic_obs_kwargs)

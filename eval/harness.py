@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
+from fm_policy.envs.registry import env_metrics
 
 from .metrics import Estimate, mean_ci, rate_ci
 
@@ -148,6 +149,8 @@ class SettingResult:
     env_s: float
     timing: TimingStats
     episodes: list[EpisodeResult]
+    metrics: dict[str, Estimate] = dataclasses.field(default_factory=dict)
+    """Env-specific metrics from the registry's hook (Kitchen: p1..pK, mean_tasks, mean_score); empty for Push-T."""
 
 
 @dataclass
@@ -191,6 +194,7 @@ class EvalReport:
             s = dict(s)
             s["score"], s["success"] = est(s["score"]), est(s["success"])
             s["timing"] = TimingStats(**{k: nan(v) for k, v in s["timing"].items()})
+            s["metrics"] = {k: est(v) for k, v in (s.get("metrics") or {}).items()}
             s["episodes"] = [EpisodeResult(**ep) for ep in s["episodes"]]
             settings.append(SettingResult(**s))
         return cls(settings=settings, env_info=dict(data["env_info"]))
@@ -558,6 +562,7 @@ def evaluate(
     if max_episode_steps is not None:
         env_kwargs.setdefault("max_episode_steps", int(max_episode_steps))
     factory = _EnvFactory(env, env_kwargs, n_obs_steps, n_action_steps, max_episode_steps)
+    metrics_hook = env_metrics(env)  # env-specific aggregates (Kitchen p_n), None for Push-T
     seeds = [int(seed_start) + i for i in range(int(n_episodes))]
     noise_shape = getattr(policy, "noise_shape", None)
     noise_shape = tuple(int(d) for d in noise_shape) if noise_shape is not None else None
@@ -625,7 +630,10 @@ def evaluate(
                 if bar is not None:
                     bar.close()
             wall = time.perf_counter() - t_setting
-            results.append(_aggregate(ns, label, ctx, call_s, batch_sizes, wall, policy_s, seeds))
+            setting = _aggregate(ns, label, ctx, call_s, batch_sizes, wall, policy_s, seeds)
+            if metrics_hook is not None:
+                setting.metrics = dict(metrics_hook(setting.episodes, env_kwargs))
+            results.append(setting)
     finally:
         envs.close()
         if isinstance(policy, torch.nn.Module) and was_training:

@@ -88,7 +88,21 @@ def _markdown(report: EvalReport) -> str:
             f"| {_steps_name(s)} | {cov} | {s.mean_steps:.1f} | {s.env_steps_per_s:.0f} | {s.wall_s:.1f} | "
             f"{s.policy_s:.1f} | {s.env_s:.1f} |"
         )
+    lines += _metrics_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _metrics_table(report: EvalReport) -> list[str]:
+    """Env-specific metrics (Kitchen: p1..pK, mean tasks) as one row per setting; nothing for envs without any."""
+    settings = [s for s in _sorted(report.settings) if getattr(s, "metrics", None)]
+    if not settings:
+        return []
+    names = list(settings[0].metrics)
+    lines = ["", "| num_steps | " + " | ".join(f"{n} [95% CI]" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for s in settings:
+        lines.append(f"| {_steps_name(s)} | " + " | ".join(s.metrics[n].fmt() for n in names) + " |")
+    return lines
 
 
 def plot_report(report: EvalReport, path: str | os.PathLike) -> Path:

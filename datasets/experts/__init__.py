@@ -1,5 +1,6 @@
 """Scripted / planning experts that generate demonstrations (design: /work/shared/docs/experts.md)."""
 
+from .kitchen import KitchenExpert, KitchenExpertConfig
 from .pusht import (
     PushTExpert,
     PushTExpertConfig,
@@ -9,6 +10,8 @@ from .pusht import (
 )
 
 __all__ = [
+    "KitchenExpert",
+    "KitchenExpertConfig",
     "PushTExpert",
     "PushTExpertConfig",
     "retry_planner_seed",
