@@ -44,8 +44,26 @@ def _row(name: str, setting: dict[str, Any]) -> str:
     )
 
 
-def compose(reports: dict[str, str], runs: dict[str, str], commands: str | None) -> str:
-    lines = ["# Push-T: flow policy vs Diffusion Policy baseline", ""]
+ROBUSTNESS_KEYS = ("gain_noise_mean", "gain_noise_max", "gain_mid_mean", "gain_mid_max", "jac_full_max",
+                   "jac_full_mean", "jac_residual_max")
+
+
+def robustness_table(analyses: dict[str, str]) -> list[str]:
+    """Disturbance response from `fm-policy analyze-flow --json` outputs: final-chunk movement per unit disturbance
+    of the initial noise (gain_noise) and of the state at mid-trajectory (gain_mid), and the symmetric-Jacobian
+    eigenvalue extremes along the trajectories."""
+    loaded = {name: json.loads(Path(path).read_text()) for name, path in analyses.items()}
+    lines = ["| policy | steps | " + " | ".join(ROBUSTNESS_KEYS) + " |", "|---|---|" + "---|" * len(ROBUSTNESS_KEYS)]
+    for name, stats in loaded.items():
+        cells = [f"{stats[k]:.4g}" if k in stats else "-" for k in ROBUSTNESS_KEYS]
+        lines.append(f"| {name} | {int(stats['num_steps'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def compose(reports: dict[str, str], runs: dict[str, str], commands: str | None,
+            title: str = "Push-T: flow policy vs Diffusion Policy baseline",
+            analyses: dict[str, str] | None = None) -> str:
+    lines = [f"# {title}", ""]
     loaded = {name: json.loads(Path(path).read_text()) for name, path in reports.items()}
     any_report = next(iter(loaded.values()))
     info = any_report["env_info"]
@@ -77,6 +95,10 @@ def compose(reports: dict[str, str], runs: dict[str, str], commands: str | None)
                 f"({last['device']}, {last['torch_threads']} torch threads), final training loss "
                 f"{last['final_train_loss']:.4f}."
             )
+    if analyses:
+        lines += ["", "## Robustness", "", "Measured by `fm-policy analyze-flow` on observations from the training data "
+                  "(disturbance delta 0.01 in normalised action units; gains are final-chunk movement / disturbance).",
+                  "", *robustness_table(analyses)]
     if commands:
         lines += ["", "## Commands", "", "```bash", Path(commands).read_text().strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -87,10 +109,12 @@ def main() -> None:
     parser.add_argument("--report", action="append", default=[], help="NAME=eval.json (repeatable, in table order)")
     parser.add_argument("--run", action="append", default=[], help="NAME=run_dir, for training time and hardware")
     parser.add_argument("--commands", help="text file with the commands that produced the reports")
+    parser.add_argument("--analysis", action="append", default=[], help="NAME=analyze-flow JSON (robustness table)")
+    parser.add_argument("--title", default="Push-T: flow policy vs Diffusion Policy baseline")
     parser.add_argument("--notes", help="Markdown file appended at the end (discussion of the numbers)")
     parser.add_argument("--out", default="docs/results/pusht.md")
     args = parser.parse_args()
-    text = compose(_pairs(args.report), _pairs(args.run), args.commands)
+    text = compose(_pairs(args.report), _pairs(args.run), args.commands, args.title, _pairs(args.analysis))
     if args.notes:
         text += "\n" + Path(args.notes).read_text()
     Path(args.out).write_text(text)

@@ -24,21 +24,49 @@ def _csv(value: str) -> tuple[str, ...]:
     return items
 
 
-def _cmd_collect(args: argparse.Namespace) -> int:
-    from fm_policy.datasets.collect import CollectConfig, collect
+def _goal(value: str) -> tuple[float, float, float]:
+    """`--goal X,Y,ANGLE`: a Push-T goal pose (pixels, pixels, radians)."""
+    try:
+        goal = tuple(float(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,ANGLE numbers, e.g. 190,310,-1.0; got '{value}'") from None
+    if len(goal) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 numbers X,Y,ANGLE, e.g. 190,310,-1.0; got '{value}'")
+    return goal  # type: ignore[return-value]
 
+
+def _goal_kwargs(args: argparse.Namespace) -> dict:
+    return {} if args.goal is None else {"goal_pose": list(args.goal)}
+
+
+def _kitchen_kwargs(args: argparse.Namespace) -> dict:
+    """Kitchen-only collect options (task list, expert task order / subsets) as recorder kwargs."""
+    given = {"tasks": args.tasks, "task_order": args.task_order, "subset_size": args.subset_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and args.env != "kitchen":
+        raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in given)} only apply to --env kitchen")
+    if "tasks" in given:
+        given["tasks"] = list(given["tasks"])
+    return given
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from fm_policy.datasets.collect import CollectConfig, collect, env_collect_defaults
+
+    defaults = env_collect_defaults(args.env)
     config = CollectConfig(
         env=args.env,
         episodes=args.episodes,
         out=args.out,
         workers=args.workers,
-        obs=args.obs,
+        obs=args.obs if args.obs is not None else defaults["obs"],
         seed=args.seed,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps if args.max_steps is not None else defaults["max_steps"],
         max_retries=args.max_retries,
         zarr_format=args.zarr_format,
         compressor=args.compressor,
         overwrite=args.overwrite,
+        env_kwargs={**_goal_kwargs(args), **_kitchen_kwargs(args)},
     )
     summary = collect(config, progress=not args.no_progress)
     skipped = summary["skipped_env_seeds"]
@@ -66,6 +94,15 @@ def _cmd_dataset_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_robomimic(args: argparse.Namespace) -> int:
+    from fm_policy.datasets.convert_robomimic import convert_robomimic
+
+    with convert_robomimic(args.input, args.output, obs_keys=args.obs_keys, filter_key=args.filter,
+                           overwrite=args.overwrite, progress=not args.quiet) as buffer:
+        print(f"{args.output}: {buffer.n_episodes} episodes, {buffer.n_steps} steps, keys {buffer.keys}")
+    return 0
+
+
 def _ints(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in _csv(value))
@@ -76,7 +113,7 @@ def _ints(value: str) -> tuple[int, ...]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fm_policy.eval.run import eval_checkpoint
 
-    report, paths = eval_checkpoint(
+    _report, paths = eval_checkpoint(
         args.checkpoint,
         out_dir=args.out,
         solver=args.solver,
@@ -87,6 +124,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         seed_start=args.seed_start,
         workers=args.workers,
+        env_kwargs={**_goal_kwargs(args), **({"tasks": list(args.tasks)} if args.tasks else {})},
         progress=not args.no_progress,
     )
     print(paths["markdown"].read_text())
@@ -123,6 +161,60 @@ def _cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_import_error(exc: ImportError) -> ValueError:
+    return ValueError(f"this command needs the deploy extra: pip install 'fm-policy[deploy]' ({exc})")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    try:
+        from fm_policy.deploy.server import PolicyServer, ServerConfig
+    except ImportError as exc:
+        raise _deploy_import_error(exc) from None
+    from fm_policy.policy import load_policy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # websockets' own per-connection lines duplicate ours
+        logging.getLogger("fm_policy.deploy.websockets").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    config = ServerConfig(host=args.host, port=args.port, api_key=api_key, num_steps=args.num_steps,
+                          max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
+                          max_batch=args.max_batch, control_hz=args.control_hz)
+    policy = load_policy(args.checkpoint, device=args.device)
+    server = PolicyServer(policy, config, model_name=str(args.checkpoint))
+    server.serve_forever(ready=lambda port: print(f"serving {args.checkpoint} at ws://{args.host}:{port}", flush=True))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from fm_policy.deploy.export import ExportConfig, export_policy
+    except ImportError as exc:
+        raise _deploy_import_error(exc) from None
+    from pathlib import Path
+
+    from fm_policy.policy import load_policy
+
+    policy = load_policy(args.checkpoint)
+    fused = args.fused_steps if policy.config.type != "ddpm" else ()
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"export_{args.format}"
+    manifest = export_policy(policy, out, ExportConfig(format=args.format, fused_steps=fused, opset=args.opset,
+                                                       verify=not args.no_verify))
+    for g in manifest.graphs:
+        err = "not verified" if g.max_abs_error is None else f"max abs error {g.max_abs_error:.2e} (tol {g.tolerance:.1e})"
+        print(f"{out / g.file}: {err}")
+    print(f"manifest: {out / 'export.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm-policy", description="Flow-matching action-chunk policies for robots.")
     parser.add_argument("--version", action="version", version=f"fm-policy {__version__}")
@@ -133,16 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=200, help="successful episodes to store (default: 200)")
     p.add_argument("--out", required=True, help="output store, e.g. data/pusht_expert.zarr")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--obs", type=_csv, default=("state", "keypoints"),
-                   help="observation modes to store: state, keypoints, image (default: state,keypoints)")
+    p.add_argument("--obs", type=_csv, default=None,
+                   help="observation modes to store; Push-T: state, keypoints, image (default: state,keypoints); "
+                        "Kitchen: state")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; candidate i uses env seed seed+i (default: 0)")
-    p.add_argument("--max-steps", type=int, default=300, help="episode step limit (default: 300)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="episode step limit (default: the env's, Push-T 300, Kitchen 280)")
     p.add_argument("--max-retries", type=int, default=2, help="retries with fresh planner seeds (default: 2)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2,
                    help="2 (default) is readable by diffusion_policy; 3 is zarr's current format")
     p.add_argument("--compressor", choices=("default", "disk", "none"), default="default",
                    help="Blosc lz4 (default, fast), Blosc zstd bit-shuffle (disk, small) or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store or interrupted collection")
+    p.add_argument("--goal", type=_goal, metavar="X,Y,ANGLE",
+                   help="Push-T task variant: the T's goal pose (default: gym-pusht's 256,256,0.7854); stored in "
+                        "the store's attributes")
+    p.add_argument("--tasks", type=_csv, metavar="T1,T2,...",
+                   help="Kitchen: tasks in the order the expert does them (default: microwave,kettle,light switch,"
+                        "slide cabinet); any of microwave, kettle, light switch, slide cabinet, bottom burner, "
+                        "top burner, hinge cabinet")
+    p.add_argument("--task-order", choices=("given", "shuffle"),
+                   help="Kitchen: the expert follows --tasks in order (given, default) or a random order per episode")
+    p.add_argument("--subset-size", type=int,
+                   help="Kitchen: the expert does a random subset of this many of --tasks (kitchen-partial style); "
+                        "success = all of that subset done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
 
@@ -157,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=_csv, help="data keys that must be present, e.g. state,action")
     p.set_defaults(func=_cmd_dataset_validate)
 
+    convert = sub.add_parser("convert", help="convert other dataset formats to a zarr replay buffer").add_subparsers(
+        dest="format", required=True, metavar="format")
+    p = convert.add_parser("robomimic", help="robomimic hdf5 (low-dim and image keys, env_args kept) to zarr")
+    p.add_argument("input", help="robomimic .hdf5 file")
+    p.add_argument("output", help="zarr store to write (a directory)")
+    p.add_argument("--obs-keys", type=_csv, default=None, help="observation keys to keep (default: all)")
+    p.add_argument("--filter", default=None, help="convert only the demos in mask/<FILTER>, e.g. train")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert_robomimic)
+
     p = sub.add_parser("eval", help="roll a saved policy out in its simulator: score, success, latency, report")
     p.add_argument("--checkpoint", required=True, help="a saved policy, e.g. runs/NAME/checkpoints/step_N/ema")
     p.add_argument("--env", default="pusht")
@@ -165,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler steps to compare, e.g. 1,2,4,8 (flow: ODE steps; ddpm: sampler steps)")
     p.add_argument("--solver", help="flow: euler|midpoint|rk4|dopri5; ddpm: ddpm|ddim (default: the saved one)")
     p.add_argument("--seed-start", type=int, default=100000)
+    p.add_argument("--goal", type=_goal, metavar="X,Y,ANGLE",
+                   help="evaluate on the Push-T variant with this goal pose (default: the standard goal)")
+    p.add_argument("--tasks", type=_csv, metavar="T1,T2,...",
+                   help="Kitchen: tasks scored, p1..pK (default: microwave,kettle,light switch,slide cabinet)")
     p.add_argument("--workers", type=int, default=1, help="env worker processes (default 1: envs in this process)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--videos", type=int, default=0, help="mp4 videos of the first N episodes of each setting")
@@ -194,9 +315,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_analyze_flow)
 
+    p = sub.add_parser("serve", help="serve a saved policy to robot controllers over websockets (msgpack, no pickle)")
+    p.add_argument("--checkpoint", required=True, help="a saved policy, e.g. runs/NAME/checkpoints/step_N/ema")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--num-steps", type=int, help="default sampler steps per chunk (default: the saved policy's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="require the API key stored in this environment variable (never pass keys on the command line)")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request frame (4 MiB)")
+    p.add_argument("--max-clients", type=int, default=32, help="concurrent connections accepted (default 32)")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="batch up to N requests that arrive together (throughput; default 1: bit-exact replies)")
+    p.add_argument("--control-hz", type=float, default=10.0, help="control rate advertised to clients (default 10)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
+                   help="debug logs every inference call with its latency; info a p50/p99 summary every 100 calls")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("export", help="export a saved policy to ONNX or TorchScript, verified against PyTorch")
+    p.add_argument("--checkpoint", required=True, help="a saved policy directory")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", help="output folder (default: <checkpoint>/export_<format>)")
+    p.add_argument("--fused-steps", type=_ints, default=(1, 2),
+                   help="unrolled Euler graphs to add for flow policies (default 1,2)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
+    p.set_defaults(func=_cmd_export)
+
     sub.add_parser("envs", help="list registered environments").set_defaults(func=_cmd_envs)
     sub.add_parser("train", help="train a policy: same arguments as train-policy (see train-policy --help)")
-    sub.add_parser("finetune", help="MLE / residual fine-tuning of a flow policy (see fm-policy finetune --help)")
+    sub.add_parser("finetune", help="fine-tune a flow policy: mle, residual, gft (gradual) or ft (plain) "
+                                    "(see fm-policy finetune --help)")
     return parser
 
 

@@ -12,4 +12,10 @@ constraints=(-c constraints/cpu.txt)
 [ "${FM_POLICY_GPU:-0}" = "1" ] && constraints=()
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${constraints[@]}" -e ".[${extras}]"
+# robomimic 0.3.0 declares torchvision as a dependency; the torchvision on PyPI is a CUDA build that fails to load
+# with the CPU torch and then breaks `diffusers` imports. So the `robomimic` extra lists only the dependencies robomimic
+# actually uses, and robomimic itself is installed here without its declared dependencies.
+if [[ ",${extras}," == *",robomimic,"* ]]; then
+  .venv/bin/python -m pip install -q "${constraints[@]}" --no-deps robomimic==0.3.0
+fi
 echo "fm-policy installed in .venv with extras [${extras}]; activate with: . .venv/bin/activate"

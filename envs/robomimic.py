@@ -1,0 +1,338 @@
+"""Robomimic tasks (robosuite 1.4.1 through robomimic 0.3.0's `EnvRobosuite`) behind the package's Dict-observation API.
+
+Why robomimic's `EnvRobosuite` and not robosuite directly: robomimic's hdf5 datasets store `env_args` (env name and the
+exact robosuite kwargs, including the old-style OSC_POSE controller config) and flattened MuJoCo states; going through
+the same class means a dataset's `env_args` rebuild the very simulator the demos came from, and its stored states
+reset it exactly (`reset(options={"state": ...})`). robosuite 1.5 cannot read those controller configs, hence 1.4.1
+(see `docs/environment.md` of the shared notes and `pyproject.toml`'s `robomimic` extra).
+
+Observations (float32 copies):
+- the robomimic low-dim keys `object`, `robot0_eef_pos`, `robot0_eef_quat` (xyzw), `robot0_gripper_qpos`, under their
+  robomimic names, so policies trained on converted robomimic datasets read the same keys;
+- `state`: those four concatenated in that order (`STATE_KEYS`), the flat vector most configs use; the converter
+  (`fm_policy.datasets.convert_robomimic`) builds the same key from hdf5 observations;
+- optionally camera images `<camera>_image` (uint8 HWC, e.g. 84x84 `agentview_image`, `robot0_eye_in_hand_image`).
+
+Action (7,): OSC_POSE deltas in [-1, 1] (position 3, axis-angle 3, gripper 1 with +1 = close), robomimic's setting
+(control at 20 Hz). Success is the env's own `_check_success`; the episode terminates on success by default (as
+robomimic's rollouts do) and is truncated after `max_episode_steps` (400 by default, diffusion_policy's ph setting).
+
+Rendering and GL: with no cameras (the default) robosuite is built with no renderer at all, so no GL context exists in
+any process; the env is safe to build in a parent that forks workers. With cameras, robosuite creates an offscreen
+(EGL) context when the env is constructed: build such envs inside the worker processes.
+
+Seeding: robosuite 1.4.1 draws object placements from numpy's *global* generator. `reset(seed=...)` therefore swaps
+a private generator state into `np.random` for the duration of the reset and swaps it back afterwards, so resets are
+reproducible per env and never disturb (or are disturbed by) other users of `np.random`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first mujoco GL import
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+from gymnasium import spaces  # noqa: E402
+
+TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+"""Short task names (registry suffixes `robomimic/<name>`) -> robosuite env names. Other robosuite env names are
+accepted as `task` too (e.g. "Stack"), see `RobomimicEnv`."""
+STATE_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+"""The robomimic low-dim keys, in the order in which `state` concatenates them."""
+ACTION_DIM = 7
+DEFAULT_MAX_EPISODE_STEPS = 400
+CONTROL_FREQ = 20
+
+
+def _install_mujoco_py_stand_in() -> None:
+    """robomimic 0.3.0's `env_robosuite` imports `mujoco_py` at module level only to name an exception class
+    (`mujoco_py.builder.MujocoException`, in `rollout_exceptions`). mujoco_py is the long-dead MuJoCo 2.0 binding and
+    does not install on current Pythons; robosuite >= 1.3 uses the official `mujoco` bindings. So a tiny module stands
+    in for it, with `MujocoException = Exception`. This is the only place that does so; a real mujoco_py, if one is
+    installed, is left alone."""
+    if "mujoco_py" in sys.modules:
+        return
+    try:
+        import mujoco_py  # noqa: F401
+        return
+    except Exception:  # ImportError, or a broken legacy install that fails while compiling
+        pass
+    stand_in = types.ModuleType("mujoco_py")
+    builder = types.ModuleType("mujoco_py.builder")
+    builder.MujocoException = Exception  # type: ignore[attr-defined]
+    stand_in.builder = builder  # type: ignore[attr-defined]
+    sys.modules["mujoco_py"] = stand_in
+    sys.modules["mujoco_py.builder"] = builder
+
+
+def _env_robosuite_class(image_keys: Sequence[str] = ()) -> type:
+    """Import robomimic's `EnvRobosuite` (optional extra) with a clear message when it is missing.
+
+    robomimic's `get_observation` consults its global observation-modality table (it is None until initialised and
+    then raises TypeError), so the table is initialised here with our low-dim keys plus any camera keys.
+    """
+    _install_mujoco_py_stand_in()
+    try:
+        import robomimic.utils.obs_utils as obs_utils
+        from robomimic.envs.env_robosuite import EnvRobosuite
+    except ImportError as err:
+        raise ImportError(
+            "robomimic envs need the robomimic extra: `bash scripts/setup.sh robomimic` (installs robosuite 1.4.1, "
+            f"mujoco<3.10 and robomimic 0.3.0 without its torchvision dependency); import failed with: {err}"
+        ) from err
+    specs = {"obs": {"low_dim": list(STATE_KEYS), "rgb": list(image_keys)}}
+    _quiet(obs_utils.initialize_obs_utils_with_obs_specs, specs)
+    return EnvRobosuite
+
+
+def _quiet(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `func` with stdout silenced: robomimic prints its modality table on every initialisation."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return func(*args, **kwargs)
+
+
+def task_env_name(task: str) -> str:
+    """`"lift"` -> `"Lift"`; robosuite env names pass through unchanged."""
+    return TASKS.get(task, task)
+
+
+def default_env_kwargs(cameras: Sequence[str] = (), image_size: int = 84) -> dict[str, Any]:
+    """robosuite kwargs matching robomimic's datasets (Panda, OSC_POSE deltas, 20 Hz, sparse reward)."""
+    from robosuite.controllers import load_controller_config
+
+    kwargs: dict[str, Any] = {
+        "robots": ["Panda"],
+        "controller_configs": load_controller_config(default_controller="OSC_POSE"),
+        "control_freq": CONTROL_FREQ,
+        "reward_shaping": False,
+    }
+    if cameras:
+        kwargs.update(camera_names=list(cameras), camera_heights=image_size, camera_widths=image_size)
+    return kwargs
+
+
+def parse_env_args(env_args: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(env_name, env_kwargs) from a robomimic `env_args` (JSON string or dict), as stored in `data.attrs`.
+
+    The render/observation flags stored with a dataset are dropped: `RobomimicEnv` sets them from its own arguments.
+    """
+    args = json.loads(env_args) if isinstance(env_args, str) else dict(env_args)
+    if "env_name" not in args:
+        raise ValueError(f"robomimic env_args has no 'env_name' (keys: {sorted(args)})")
+    env_type = args.get("type", 1)
+    if env_type != 1:  # robomimic's EnvType.ROBOSUITE_TYPE
+        raise ValueError(f"robomimic env_args type {env_type} is not a robosuite env (type 1)")
+    kwargs = dict(args.get("env_kwargs", {}))
+    for flag in ("has_renderer", "has_offscreen_renderer", "ignore_done", "use_object_obs", "use_camera_obs",
+                 "camera_depths", "render_gpu_device_id"):
+        kwargs.pop(flag, None)
+    return str(args["env_name"]), kwargs
+
+
+def state_vector(obs: Mapping[str, Any]) -> np.ndarray:
+    """The flat `state` (float32): `STATE_KEYS` concatenated along the last axis (works for one step or a batch)."""
+    missing = [k for k in STATE_KEYS if k not in obs]
+    if missing:
+        raise KeyError(f"observation lacks robomimic low-dim key(s) {missing}; has {sorted(obs)}")
+    return np.concatenate([np.asarray(obs[k], dtype=np.float32) for k in STATE_KEYS], axis=-1)
+
+
+class RobomimicEnv(gym.Env):
+    """One robomimic/robosuite task with Dict observations (see the module docstring).
+
+    Args:
+        task: "lift", "can", "square" or a robosuite env name.
+        max_episode_steps: truncation horizon (robosuite itself runs with `ignore_done`).
+        cameras: camera names for image observations (`<camera>_image`); empty = low-dim only, no GL.
+        image_size: square camera resolution (84 in robomimic's image datasets).
+        terminate_on_success: end the episode at the first successful step.
+        env_kwargs: robosuite kwargs replacing `default_env_kwargs` (e.g. from a dataset's `env_args`).
+
+    `info` after reset and every step: `is_success` (bool) and `success/<criterion>` for every criterion the env
+    reports. `get_state()` returns the flattened MuJoCo state; `reset(options={"state": s})` restores one.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_FREQ}
+
+    def __init__(
+        self,
+        task: str = "lift",
+        max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS,
+        cameras: Sequence[str] = (),
+        image_size: int = 84,
+        terminate_on_success: bool = True,
+        env_kwargs: Mapping[str, Any] | None = None,
+    ):
+        if int(max_episode_steps) < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if isinstance(cameras, str):
+            cameras = [c for c in cameras.split(",") if c]
+        self.task = task
+        self.env_name = task_env_name(task)
+        self.max_episode_steps = int(max_episode_steps)
+        self.cameras = tuple(cameras)
+        self.image_size = int(image_size)
+        self.terminate_on_success = bool(terminate_on_success)
+        image_keys = [f"{c}_image" for c in self.cameras]
+        env_cls = _env_robosuite_class(image_keys)
+        kwargs = dict(default_env_kwargs(self.cameras, self.image_size) if env_kwargs is None else env_kwargs)
+        if self.cameras:
+            kwargs.update(camera_names=list(self.cameras), camera_heights=self.image_size,
+                          camera_widths=self.image_size)
+        self._rng_state = np.random.RandomState().get_state()  # private placement generator (module docstring)
+        self._elapsed_steps: int | None = None
+        # postprocess_visual_obs=False: keep images uint8 HWC (robomimic would convert them to float CHW)
+        self.sim_env = _with_rng(self, lambda: env_cls(
+            self.env_name, use_image_obs=bool(self.cameras), postprocess_visual_obs=False, **kwargs))
+        probe = self._observe(_with_rng(self, self.sim_env.reset))
+        obs_spaces: dict[str, spaces.Space] = {}
+        for key, value in probe.items():
+            if value.dtype == np.uint8:
+                obs_spaces[key] = spaces.Box(0, 255, value.shape, np.uint8)
+            else:
+                obs_spaces[key] = spaces.Box(-np.inf, np.inf, value.shape, np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+    @classmethod
+    def from_env_args(cls, env_args: str | Mapping[str, Any], **kwargs: Any) -> RobomimicEnv:
+        """The env a robomimic dataset was recorded in, from its `env_args` (see `parse_env_args`)."""
+        env_name, env_kwargs = parse_env_args(env_args)
+        return cls(task=env_name, env_kwargs=env_kwargs, **kwargs)
+
+    @property
+    def robosuite_env(self) -> Any:
+        """The underlying robosuite env (re-read after every reset: robosuite rebuilds its sim on hard resets)."""
+        return self.sim_env.env
+
+    @property
+    def elapsed_steps(self) -> int:
+        return self._elapsed_steps or 0
+
+    def get_state(self) -> np.ndarray:
+        """Flattened MuJoCo state (time, qpos, qvel), robomimic's `states` row; `reset(options={"state": ...})`."""
+        return np.array(self.sim_env.get_state()["states"], dtype=np.float64)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Random placements (reproducible with `seed`), or the stored simulator state `options["state"]`
+        (optionally with `options["model"]`, an MJCF XML string as robomimic datasets store per demo)."""
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"state", "model"}
+        if unknown:
+            raise ValueError(f"RobomimicEnv.reset options are 'state' and 'model', got {sorted(unknown)}")
+        if seed is not None:
+            self._rng_state = np.random.RandomState(seed).get_state()
+        if "state" in options:
+            state = np.asarray(options["state"], dtype=np.float64).ravel()
+            target: dict[str, Any] = {"states": state}
+            if options.get("model") is not None:
+                target["model"] = options["model"]
+            else:
+                _with_rng(self, self.sim_env.reset)
+            expected = self.get_state().shape
+            if "model" not in target and state.shape != expected:
+                raise ValueError(
+                    f"reset state has {state.shape[0]} entries, this {self.env_name} sim has {expected[0]}")
+            raw = _with_rng(self, lambda: self.sim_env.reset_to(target))
+        else:
+            _with_rng(self, self.sim_env.reset)
+            raw = self.sim_env.get_observation()  # forced refresh: reset's own observables can lag on some tasks
+        self._elapsed_steps = 0
+        return self._observe(raw), self._info()
+
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        if self._elapsed_steps is None:
+            raise RuntimeError("RobomimicEnv.step() called before reset()")
+        act = self._validate_action(action)
+        raw, reward, _, _ = self.sim_env.step(act)
+        self._elapsed_steps += 1
+        info = self._info()
+        terminated = self.terminate_on_success and info["is_success"]
+        truncated = self._elapsed_steps >= self.max_episode_steps
+        return self._observe(raw), float(reward), bool(terminated), bool(truncated), info
+
+    def render(self) -> np.ndarray:
+        """RGB frame from the first camera (needs `cameras`: only then does the env own an offscreen context)."""
+        if not self.cameras:
+            raise RuntimeError("RobomimicEnv.render() needs cameras=[...] (the low-dim env has no renderer)")
+        frame = self.sim_env.render(mode="rgb_array", height=self.image_size, width=self.image_size,
+                                    camera_name=self.cameras[0])
+        return np.ascontiguousarray(frame)
+
+    def close(self) -> None:
+        env = getattr(getattr(self, "sim_env", None), "env", None)
+        if env is not None:
+            env.close()
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate_action(action: Any) -> np.ndarray:
+        """float64 copy clipped to [-1, 1]; NaN/inf or a wrong shape is a caller bug, so it raises."""
+        try:
+            act = np.array(action, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"RobomimicEnv action must be 7 numbers, got {action!r}") from err
+        if act.shape != (ACTION_DIM,):
+            raise ValueError(f"RobomimicEnv action must have shape ({ACTION_DIM},) (OSC_POSE delta), got {act.shape}")
+        if not np.all(np.isfinite(act)):
+            raise ValueError(f"RobomimicEnv action must be finite, got {act.tolist()}")
+        return np.clip(act, -1.0, 1.0)
+
+    def _observe(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        obs = {k: np.array(raw[k], dtype=np.float32, copy=True) for k in STATE_KEYS}
+        obs["state"] = state_vector(obs)
+        for camera in self.cameras:
+            key = f"{camera}_image"
+            obs[key] = np.ascontiguousarray(raw[key], dtype=np.uint8)
+        return obs
+
+    def _info(self) -> dict[str, Any]:
+        success = self.sim_env.is_success()
+        info: dict[str, Any] = {"is_success": bool(success["task"])}
+        for name, value in success.items():
+            if name != "task":
+                info[f"success/{name}"] = bool(value)
+        return info
+
+
+def _with_rng(env: RobomimicEnv, func: Any) -> Any:
+    """Run `func` with the env's private generator state in `np.random` (robosuite 1.4 samples placements from the
+    global generator), then restore the caller's global state."""
+    outer = np.random.get_state()
+    np.random.set_state(env._rng_state)
+    try:
+        return func()
+    finally:
+        env._rng_state = np.random.get_state()
+        np.random.set_state(outer)
+
+
+def check_obs_keys(obs_keys: Sequence[str], cameras: Sequence[str] = ()) -> None:
+    """A policy's observation keys must be ones this env emits (`state`, the robomimic low-dim keys, `*_image`)."""
+    known = {"state", *STATE_KEYS}
+    unknown = [k for k in obs_keys if k not in known and not k.endswith("_image")]
+    if unknown:
+        raise ValueError(f"robomimic envs have no observation keys {unknown}; they observe {sorted(known)} and "
+                         "<camera>_image")
+
+
+def obs_kwargs_for_keys(obs_keys: Sequence[str]) -> dict[str, Any]:
+    """Factory kwargs that make the env emit `obs_keys` (cameras for every `<camera>_image` key)."""
+    check_obs_keys(obs_keys)
+    cameras = [k[: -len("_image")] for k in obs_keys if k.endswith("_image")]
+    return {"cameras": cameras} if cameras else {}
