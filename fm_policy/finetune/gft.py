@@ -31,16 +31,14 @@ Checkpoints hold the tuned model as a plain "flow" policy.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fm_policy.config import ConfigError
+from fm_policy.finetune.wrapper import FinetuneWrapper
 from fm_policy.flow_matching import LinearPath, flow_matching_loss, sample_noise
 from fm_policy.flow_policy import FlowPolicy
 
@@ -111,7 +109,7 @@ def _check_teacher(model: FlowPolicy, teacher: FlowPolicy) -> None:
                           "in another normalised action space; use a teacher fine-tuned from the same pre-training")
 
 
-class GFTFinetunePolicy(nn.Module):
+class GFTFinetunePolicy(FinetuneWrapper):
     """A flow policy whose `compute_loss` is the GFT objective (plain flow-matching fine-tuning when w = 0).
 
     model: the policy being tuned (all its parameters are trained, as in plain fine-tuning); usually a copy of the
@@ -123,39 +121,21 @@ class GFTFinetunePolicy(nn.Module):
     plain w = 0 objective: the true target objective, comparable across methods and steps.
     """
 
+    frozen_attribute = "teacher"
+
     def __init__(self, model: FlowPolicy, teacher: FlowPolicy | None, config: GFTConfig) -> None:
-        super().__init__()
+        super().__init__(model)
         config.validate()
         if type(model) is not FlowPolicy:
             raise ConfigError(f"GFT fine-tunes a plain flow policy, got {type(model).__name__}")
         if teacher is None and config.w0 > 0:
             raise ValueError("GFT with w0 > 0 needs a teacher (the frozen pre-trained policy)")
         self.gft_config = config
-        self.model = model
-        self.teacher = teacher
         if teacher is not None:
             _check_teacher(model, teacher)
-            teacher.requires_grad_(False)
-            teacher.eval()
+        self.teacher = self.freeze(teacher)
         self.model.requires_grad_(True)
         self.weight = float(config.w0)  # set per step by on_train_step; w0 until the Trainer says otherwise
-
-    # ---------------------------------------------------------------- delegation
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        """Trainable parameters only (see the class docstring)."""
-        return (p for p in super().parameters(recurse) if p.requires_grad)
-
-    def train(self, mode: bool = True) -> GFTFinetunePolicy:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # a fixed function: no dropout / batch statistics
-        return self
 
     # ---------------------------------------------------------------- schedule
     def on_train_step(self, step: int, total_steps: int) -> dict[str, float]:
@@ -188,18 +168,6 @@ class GFTFinetunePolicy(nn.Module):
         loss = flow_matching_loss(pred, target, mask)
         fm = loss.detach() if w == 0.0 else flow_matching_loss(pred.detach(), u, mask)
         return {"loss": loss, "fm_loss": fm, "gft_w": torch.tensor(w)}
-
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.compute_loss(batch)
-
-    # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
-        """The tuned model as a normal "flow" policy (the teacher is not saved: it is the run's checkpoint)."""
-        return self.model.save_pretrained(directory, atomic=atomic)
-
-    def load_weights(self, directory: str | os.PathLike) -> None:
-        """Load the tuned model's weights saved by `save_pretrained` (used on resume)."""
-        self.model.load_weights(directory)
 
 
 def gft_finetune_policy(pretrained: FlowPolicy, config: GFTConfig, teacher: FlowPolicy | None = None,

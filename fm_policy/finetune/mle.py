@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from fm_policy.checkpoint import CheckpointError, write_checkpoint_dir
 from fm_policy.config import ConfigError
+from fm_policy.finetune.wrapper import FinetuneWrapper
 from fm_policy.flow_matching import sample_noise
 from fm_policy.flow_policy import FlowPolicy
 from fm_policy.solvers import METHODS, solve
@@ -135,7 +136,7 @@ def last_parameterised_modules(module: nn.Module, count: int) -> list[nn.Module]
     return owners[-count:]
 
 
-class MLEFinetunePolicy(nn.Module):
+class MLEFinetunePolicy(FinetuneWrapper):
     """A flow(-residual) policy whose `compute_loss` is the MLE-of-reconstructions objective.
 
     model: the policy being tuned (`FlowPolicy` for FT-FM, `ResidualFlowPolicy` for ResFT-FM); it is trained in place.
@@ -145,22 +146,20 @@ class MLEFinetunePolicy(nn.Module):
 
     Everything the harness and Trainer use is delegated to `model` (`predict_action_chunk`, `select_action`,
     `reset`, `config`, `normalizer`, ...). `parameters()` yields only the trainable parameters, so the Trainer's
-    optimiser and EMA never carry (or copy) the frozen reference / base weights.
+    optimiser and EMA never carry (or copy) the frozen reference / base weights (see `FinetuneWrapper`).
     """
+
+    frozen_attribute = "reference"
 
     def __init__(self, model: FlowPolicy, config: MLEConfig, reference: FlowPolicy | None = None,
                  fm_weight: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(model)
         config.validate()
         if reference is None and not hasattr(model, "base_velocity"):
             raise ValueError("a reference (pre-trained) policy is needed unless the model has a frozen base_velocity")
         self.mle_config = config
         self.fm_weight = float(fm_weight)
-        self.model = model
-        self.reference = reference
-        if reference is not None:
-            reference.requires_grad_(False)
-            reference.eval()
+        self.reference = self.freeze(reference)
         self._select_trainable(config)
         self.objective = GaussianReconstructionNLL(config.sigma_mode, config.sigma, model.noise_shape)
         if not any(p.requires_grad for p in model.parameters()):
@@ -180,37 +179,6 @@ class MLEFinetunePolicy(nn.Module):
             self.model.net.requires_grad_(False)
             for module in last_parameterised_modules(self.model.net, config.last_layers):
                 module.requires_grad_(True)
-
-    # ---------------------------------------------------------------- delegation
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        """Trainable parameters only (see the class docstring)."""
-        return (p for p in super().parameters(recurse) if p.requires_grad)
-
-    def train(self, mode: bool = True) -> MLEFinetunePolicy:
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # the encoder is a fixed function
-        return self
-
-    def predict_action_chunk(self, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
-                             noise: Tensor | None = None) -> Tensor:
-        return self.model.predict_action_chunk(obs, num_steps, solver, noise)
-
-    def generate_chunk(self, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
-                       noise: Tensor | None = None) -> Tensor:
-        return self.model.generate_chunk(obs, num_steps, solver, noise)
-
-    def select_action(self, obs: Mapping[str, Tensor], num_steps: int | None = None) -> Tensor:
-        return self.model.select_action(obs, num_steps)
-
-    def reset(self) -> None:
-        self.model.reset()
 
     # ---------------------------------------------------------------- objective
     def reference_velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
@@ -271,9 +239,6 @@ class MLEFinetunePolicy(nn.Module):
             out["fm_loss"] = fm.detach()
         out["loss"] = loss
         return out
-
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.compute_loss(batch)
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
