@@ -224,11 +224,18 @@ class RobomimicEnv(gym.Env):
         """Flattened MuJoCo state (time, qpos, qvel), robomimic's `states` row; `reset(options={"state": ...})`."""
         return np.array(self.sim_env.get_state()["states"], dtype=np.float64)
 
+    def get_model_xml(self) -> str:
+        """The MJCF XML of the current scene (robomimic's per-demo `model_file`). Pass it with a state to `reset`:
+        robosuite re-samples some geometry on every hard reset (Lift's cube size), so a state alone restores poses
+        and velocities but not necessarily the same bodies."""
+        return str(self.sim_env.get_state()["model"])
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Random placements (reproducible with `seed`), or the stored simulator state `options["state"]`
-        (optionally with `options["model"]`, an MJCF XML string as robomimic datasets store per demo)."""
+        (optionally with `options["model"]`, an MJCF XML string as robomimic datasets store per demo; with it, the
+        restored episode is exactly reproducible, but the reset rebuilds the scene and takes seconds)."""
         super().reset(seed=seed)
         options = dict(options or {})
         unknown = set(options) - {"state", "model"}
@@ -322,7 +329,7 @@ def _with_rng(env: RobomimicEnv, func: Any) -> Any:
         np.random.set_state(outer)
 
 
-def check_obs_keys(obs_keys: Sequence[str], cameras: Sequence[str] = ()) -> None:
+def check_obs_keys(obs_keys: Sequence[str]) -> None:
     """A policy's observation keys must be ones this env emits (`state`, the robomimic low-dim keys, `*_image`)."""
     known = {"state", *STATE_KEYS}
     unknown = [k for k in obs_keys if k not in known and not k.endswith("_image")]
