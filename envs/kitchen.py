@@ -35,6 +35,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from .actions import checked_action  # noqa: E402
+
 ALL_TASKS: tuple[str, ...] = (
     "microwave", "kettle", "light switch", "slide cabinet", "bottom burner", "top burner", "hinge cabinet",
 )
@@ -258,16 +260,7 @@ class KitchenEnv(gym.Env):
 
     @staticmethod
     def _validate_action(action: Any) -> np.ndarray:
-        """float64 copy clipped to [-1, 1]; NaN/inf or a wrong shape is a caller bug, so it raises."""
-        try:
-            act = np.array(action, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"KitchenEnv action must be 9 numbers, got {action!r}") from err
-        if act.shape != (ACTION_DIM,):
-            raise ValueError(f"KitchenEnv action must have shape ({ACTION_DIM},) (joint velocities), got {act.shape}")
-        if not np.all(np.isfinite(act)):
-            raise ValueError(f"KitchenEnv action must be finite, got {act.tolist()}")
-        return np.clip(act, -1.0, 1.0)
+        return checked_action(action, ACTION_DIM, "KitchenEnv", "joint velocities", -1.0, 1.0)
 
     @staticmethod
     def _observe(obs: dict[str, Any]) -> dict[str, np.ndarray]:

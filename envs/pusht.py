@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from .actions import checked_action  # noqa: E402
+
 WORKSPACE_SIZE = 512.0
 """Side of the square workspace in pixels; actions and positions live in [0, 512]."""
 DEFAULT_GOAL_POSE = (256.0, 256.0, math.pi / 4)
@@ -364,18 +366,7 @@ class PushTEnv(gym.Env):
 
     @staticmethod
     def _validate_action(action: Any) -> np.ndarray:
-        """float64 copy clipped to the workspace; NaN/inf or a wrong shape is a caller bug, so it raises."""
-        try:
-            target = np.array(action, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"PushTEnv action must be numeric (x, y), got {action!r}") from err
-        if target.shape != (2,):
-            raise ValueError(
-                f"PushTEnv action must have shape (2,) = target (x, y), got shape {target.shape}: {action!r}"
-            )
-        if not np.all(np.isfinite(target)):
-            raise ValueError(f"PushTEnv action must be finite, got {target.tolist()}")
-        return np.clip(target, 0.0, WORKSPACE_SIZE)
+        return checked_action(action, 2, "PushTEnv", "target (x, y)", 0.0, WORKSPACE_SIZE)
 
     def _block_pose(self) -> np.ndarray:
         block = self.sim.block

@@ -42,6 +42,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from .actions import checked_action  # noqa: E402
+
 TASKS: dict[str, str] = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 """Short task names (registry suffixes `robomimic/<name>`) -> robosuite env names. Other robosuite env names are
 accepted as `task` too (e.g. "Stack"), see `RobomimicEnv`."""
@@ -289,16 +291,7 @@ class RobomimicEnv(gym.Env):
 
     @staticmethod
     def _validate_action(action: Any) -> np.ndarray:
-        """float64 copy clipped to [-1, 1]; NaN/inf or a wrong shape is a caller bug, so it raises."""
-        try:
-            act = np.array(action, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"RobomimicEnv action must be 7 numbers, got {action!r}") from err
-        if act.shape != (ACTION_DIM,):
-            raise ValueError(f"RobomimicEnv action must have shape ({ACTION_DIM},) (OSC_POSE delta), got {act.shape}")
-        if not np.all(np.isfinite(act)):
-            raise ValueError(f"RobomimicEnv action must be finite, got {act.tolist()}")
-        return np.clip(act, -1.0, 1.0)
+        return checked_action(action, ACTION_DIM, "RobomimicEnv", "OSC_POSE delta", -1.0, 1.0)
 
     def _observe(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         obs = {k: np.array(raw[k], dtype=np.float32, copy=True) for k in STATE_KEYS}
