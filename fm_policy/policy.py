@@ -277,6 +277,9 @@ class BasePolicy(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> BasePolicy:
         """Rebuild a saved policy (of whichever type it was saved as) and load its weights."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: no such directory (a checkpoint still being written appears only "
+                                  "when complete)")
         for sealed in (directory, directory.parent):  # a policy saved alone, or inside a training checkpoint
             if (sealed / "manifest.json").exists():
                 verify_checkpoint_dir(sealed)

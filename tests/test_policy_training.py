@@ -203,6 +203,9 @@ def test_eval_cli_on_real_pusht(store, tmp_path, capsys):
     assert report["env_info"]["env_kwargs"] == {"obs_mode": "state"}
     assert (out / "eval.png").stat().st_size > 0
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "empty")]) == 2
     assert "not a saved policy" in capsys.readouterr().err
 
 
