@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fm_policy.datasets.replay_buffer import ReplayBuffer
+from tiny_flow import tiny_state_store
 
 from fm_policy.finetune.contraction import analyze_flow, analyze_policy, perturbation_test
 from fm_policy.finetune.residual import ResidualConfig, ResidualFlowPolicy
@@ -95,13 +95,7 @@ def test_contracting_residual_damps_perturbations_that_an_unconstrained_one_ampl
 
 
 def test_analyze_flow_on_saved_policies(tmp_path):
-    store = str(tmp_path / "tiny.zarr")
-    buffer = ReplayBuffer.create(store)
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        start = rng.uniform(100, 400, 5)
-        state = (start + 3.0 * np.arange(30)[:, None] * np.array([1, -1, 0.5, 0.2, 0.0])).astype(np.float32)
-        buffer.add_episode({"state": state, "action": (state[:, :2] + 20.0).astype(np.float32)})
+    store = tiny_state_store(tmp_path / "tiny.zarr", n_episodes=3)
     base = _base_policy()
     base.save_pretrained(tmp_path / "flow")
     out = analyze_flow(tmp_path / "flow", data_path=store, n=6, num_steps=2)

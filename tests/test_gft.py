@@ -12,7 +12,6 @@ import itertools
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from fm_policy.datasets.replay_buffer import ReplayBuffer
@@ -23,42 +22,21 @@ from fm_policy.finetune.run import FinetuneConfig, finetune
 from fm_policy.flow_matching import LinearPath
 from fm_policy.flow_policy import FlowPolicy
 from fm_policy.policy import load_policy
+from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 torch.set_num_threads(1)
-
-
-def _store(path: Path, n_episodes: int, shift: float, seed: int) -> str:
-    """Tiny Push-T-shaped store: 5-D state, 2-D action = state[:2] + shift (a "task variant" changes the shift)."""
-    buffer = ReplayBuffer.create(str(path))
-    rng = np.random.default_rng(seed)
-    for _ in range(n_episodes):
-        start = rng.uniform(100, 400, 5)
-        t = np.arange(30)[:, None]
-        state = (start + 3.0 * t * np.array([1, -1, 0.5, 0.2, 0.0])).astype(np.float32)
-        buffer.add_episode({"state": state, "action": (state[:, :2] + shift).astype(np.float32)})
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny flow policy pre-trained for 30 steps by train() (its EMA folder, as GFT expects)."""
-    from fm_policy.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("gft")
-    store = _store(root / "source.zarr", 4, 20.0, 0)
-    config = load_config(TrainConfig, None, [
-        f"data.path={store}", "data.obs_keys=[state]", "data.val_ratio=0.25", f"run_dir={root / 'pre'}",
-        "policy.network.kind=mlp", "policy.network.hidden_dims=[32,32]", "policy.network.time_embed_dim=16",
-        "policy.horizon=8", "policy.n_action_steps=4", "loop.batch_size=16", "loop.steps=30", "loop.log_every=10",
-        "loop.val_every=0", "loop.checkpoint_every=30", "loop.progress=false", "optim.lr=3e-3",
-        "optim.warmup_steps=5",
-    ])
-    return train(config) / "ema"
+    return pretrain_tiny_flow(root, tiny_state_store(root / "source.zarr", 4, 20.0, 0))
 
 
 @pytest.fixture(scope="module")
 def variant_store(tmp_path_factory) -> str:
-    return _store(tmp_path_factory.mktemp("gft_variant") / "variant.zarr", 3, -15.0, 1)
+    return tiny_state_store(tmp_path_factory.mktemp("gft_variant") / "variant.zarr", 3, -15.0, 1)
 
 
 def _batch(policy: FlowPolicy, n: int = 12) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from fm_policy.datasets.replay_buffer import ReplayBuffer
 
 from fm_policy.config import ConfigError, load_config
 from fm_policy.finetune.mle import OBJECTIVE_FILE, MLEConfig, MLEFinetunePolicy, mle_finetune_policy
@@ -22,6 +21,7 @@ from fm_policy.flow_policy import FlowPolicy
 from fm_policy.normalizer import Normalizer
 from fm_policy.policy import NetworkConfig, PolicyConfig, load_policy
 from fm_policy.solvers import solve
+from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 torch.set_num_threads(1)
 
@@ -165,25 +165,8 @@ def test_trainable_selection_and_trainable_only_parameters(toy_flow):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny store (as in test_policy_training) and a flow policy pre-trained on it for 30 steps by train()."""
-    from fm_policy.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("ft")
-    store = str(root / "tiny.zarr")
-    buffer = ReplayBuffer.create(store)
-    rng = np.random.default_rng(0)
-    for _ in range(4):
-        start = rng.uniform(100, 400, 5)
-        t = np.arange(30)[:, None]
-        state = (start + 3.0 * t * np.array([1, -1, 0.5, 0.2, 0.0])).astype(np.float32)
-        buffer.add_episode({"state": state, "action": (state[:, :2] + 20.0).astype(np.float32)})
-    config = load_config(TrainConfig, None, [
-        f"data.path={store}", "data.obs_keys=[state]", "data.val_ratio=0.25", f"run_dir={root / 'pre'}",
-        "policy.network.kind=mlp", "policy.network.hidden_dims=[32,32]", "policy.network.time_embed_dim=16",
-        "policy.horizon=8", "policy.n_action_steps=4", "loop.batch_size=16", "loop.steps=30", "loop.log_every=10",
-        "loop.val_every=0", "loop.checkpoint_every=30", "loop.progress=false", "optim.lr=3e-3",
-        "optim.warmup_steps=5",
-    ])
-    return train(config) / "ema"
+    return pretrain_tiny_flow(root, tiny_state_store(root / "tiny.zarr"))
 
 
 def _ft_config(checkpoint: Path, run_dir: Path, *overrides: str) -> FinetuneConfig:

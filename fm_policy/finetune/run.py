@@ -138,7 +138,8 @@ def finetune(config: FinetuneConfig) -> Path:
     _check_data_matches(policy, data.arrays)
     if config.method not in GFT_METHODS and config.mle.cache_codes and config.mle.pairing == "inversion":
         c = config.mle
-        fingerprint = {"checkpoint": str(Path(config.checkpoint).resolve()), "data": asdict(config.data),
+        data_keys = {k: v for k, v in asdict(config.data).items() if k != "num_workers"}  # loader workers: no effect
+        fingerprint = {"checkpoint": str(Path(config.checkpoint).resolve()), "data": data_keys,
                        "encode": [c.encode_solver, c.encode_steps, c.encode_rtol, c.encode_atol],
                        "windows": len(data.train)}  # not the method: mle and residual encode with the same field
         codes = cached_codes(policy, data.train, Path(config.run_dir) / CODES_FILE, fingerprint,
