@@ -57,6 +57,7 @@ class CollectConfig:
 _ENV_COLLECT_DEFAULTS: dict[str, dict[str, Any]] = {
     "pusht": {"obs": ("state", "keypoints"), "max_steps": 300},
     "kitchen": {"obs": ("state",), "max_steps": 280},
+    **{f"robomimic/{task}": {"obs": ("state",), "max_steps": 400} for task in ("lift", "can", "square")},
 }
 
 

@@ -159,7 +159,82 @@ class KitchenRecorder:
         }
 
 
-RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {"pusht": PushTRecorder, "kitchen": KitchenRecorder}
+class RobomimicRecorder:
+    """A robomimic task (Lift / PickPlaceCan / NutAssemblySquare) with its scripted waypoint expert.
+
+    Stored keys: the robomimic low-dim observations under their robomimic names (`object`, `robot0_eef_pos`,
+    `robot0_eef_quat`, `robot0_gripper_qpos`) and their concatenation `state`, `<camera>_image` (uint8 HWC) for
+    image modes such as `agentview_image`, `action` (7) float32 OSC_POSE deltas, and `sim_state` (float64): the
+    flattened MuJoCo state before action t. Replaying: `env.reset(seed=<meta/env_seed>, options={"state": s})`
+    rebuilds the episode's exact scene (the seed re-draws the same geometry, e.g. Lift's cube size) and restores
+    `s`. The store's `env_args` attribute is robomimic's, so `RobomimicEnv.from_env_args` rebuilds the simulator, as
+    for converted robomimic datasets.
+    """
+
+    def __init__(self, task: str, obs_modes: Sequence[str] = ("state",), max_steps: int = 400,
+                 image_size: int = 84, **env_kwargs: Any):
+        from fm_policy.datasets.experts.robomimic import RobomimicExpert
+        from fm_policy.envs import make_env
+        from fm_policy.envs.robomimic import STATE_KEYS, obs_kwargs_for_keys
+
+        modes = tuple(dict.fromkeys(obs_modes))
+        bad = [m for m in modes if m != "state" and not m.endswith("_image")]
+        if bad:
+            raise ValueError(f"robomimic observation modes are 'state' and '<camera>_image' (e.g. agentview_image); "
+                             f"got {bad}")
+        self.image_keys = tuple(m for m in modes if m.endswith("_image"))
+        self.keys = (*STATE_KEYS, "state", *self.image_keys)
+        self.task = task
+        self.env = make_env(f"robomimic/{task}", max_episode_steps=max_steps, image_size=image_size,
+                            **obs_kwargs_for_keys(self.image_keys), **env_kwargs)
+        self.env_kwargs = dict(env_kwargs, image_size=image_size)
+        self.max_steps = max_steps
+        self.expert = RobomimicExpert(task)
+
+    def record(self, env_seed: int, planner_seed: int) -> Episode:
+        obs, info = self.env.reset(seed=env_seed)
+        self.expert.reset(self.env, planner_seed)
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in (*self.keys, "sim_state", "action")}
+        for _ in range(self.max_steps):
+            action = self.expert.act(obs)  # float32: the stored action is exactly the executed one
+            rows["sim_state"].append(self.env.get_state())
+            for key in self.keys:
+                rows[key].append(obs[key])
+            obs, _, terminated, truncated, info = self.env.step(action)
+            rows["action"].append(action)
+            if terminated or truncated:
+                break
+        data = {k: np.stack(v) for k, v in rows.items()}
+        success = bool(info["is_success"])
+        return Episode(data=data, success=success, steps=len(data["action"]), final_score=float(success))
+
+    def dataset_attrs(self) -> dict[str, Any]:
+        import json
+
+        env_args = self.env.sim_env.serialize()  # robomimic's own env metadata, as its hdf5 datasets store it
+        return {
+            "env": f"robomimic/{self.task}",
+            "env_args": json.dumps(env_args, default=str),
+            "env_versions": {p: _version(p) for p in ("robosuite", "robomimic", "mujoco")},
+            "env_kwargs": self.env_kwargs,
+            "obs_modes": ["state", *self.image_keys],
+            "max_steps": self.max_steps,
+            "expert": self.expert.describe(),
+        }
+
+
+def _robomimic_recorder(task: str) -> Callable[..., EpisodeRecorder]:
+    def build(**kwargs: Any) -> EpisodeRecorder:
+        return RobomimicRecorder(task, **kwargs)
+
+    return build
+
+
+RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {
+    "pusht": PushTRecorder,
+    "kitchen": KitchenRecorder,
+    **{f"robomimic/{task}": _robomimic_recorder(task) for task in ("lift", "can", "square")},
+}
 
 
 def make_recorder(env: str, **kwargs: Any) -> EpisodeRecorder:

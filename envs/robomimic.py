@@ -14,8 +14,14 @@ Observations (float32 copies):
 - optionally camera images `<camera>_image` (uint8 HWC, e.g. 84x84 `agentview_image`, `robot0_eye_in_hand_image`).
 
 Action (7,): OSC_POSE deltas in [-1, 1] (position 3, axis-angle 3, gripper 1 with +1 = close), robomimic's setting
-(control at 20 Hz). Success is the env's own `_check_success`; the episode terminates on success by default (as
-robomimic's rollouts do) and is truncated after `max_episode_steps` (400 by default, diffusion_policy's ph setting).
+(control at 20 Hz). With `abs_actions=True` (diffusion_policy's `abs_action`), action (10,): the OSC goal itself,
+[position (3), orientation as rotation-6d (6, `fm_policy.datasets.rotations`), gripper (1, in [-1, 1])], in the frame
+robosuite 1.4.1's OSC works in (the MuJoCo world frame; the Panda's base is fixed in it, so this is the base frame up
+to a constant offset). The wrapper turns the rot6d into axis-angle and the controller runs with `control_delta=False`;
+`fm-policy convert robomimic --abs-actions` writes datasets in this action space.
+
+Success is the env's own `_check_success`; the episode terminates on success by default (as robomimic's rollouts do)
+and is truncated after `max_episode_steps` (400 by default, diffusion_policy's ph setting).
 
 Rendering and GL: with no cameras (the default) robosuite is built with no renderer at all, so no GL context exists in
 any process; the env is safe to build in a parent that forks workers. With cameras, robosuite creates an offscreen
@@ -40,6 +46,7 @@ from typing import Any  # noqa: E402
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
+from fm_policy.datasets.rotations import rot6d_to_axis_angle  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
 from .actions import checked_action  # noqa: E402
@@ -50,6 +57,8 @@ accepted as `task` too (e.g. "Stack"), see `RobomimicEnv`."""
 STATE_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 """The robomimic low-dim keys, in the order in which `state` concatenates them."""
 ACTION_DIM = 7
+ABS_ACTION_DIM = 10
+"""Absolute action: goal position (3), goal orientation as rotation-6d (6), gripper (1)."""
 DEFAULT_MAX_EPISODE_STEPS = 400
 CONTROL_FREQ = 20
 
@@ -160,6 +169,8 @@ class RobomimicEnv(gym.Env):
         image_size: square camera resolution (84 in robomimic's image datasets).
         terminate_on_success: end the episode at the first successful step.
         env_kwargs: robosuite kwargs replacing `default_env_kwargs` (e.g. from a dataset's `env_args`).
+        abs_actions: take 10-D absolute OSC goals (position, rotation-6d, gripper) instead of 7-D deltas; the OSC_POSE
+            controller config is copied with `control_delta=False` (see the module docstring).
 
     `info` after reset and every step: `is_success` (bool) and `success/<criterion>` for every criterion the env
     reports. `get_state()` returns the flattened MuJoCo state; `reset(options={"state": s})` restores one.
@@ -175,6 +186,7 @@ class RobomimicEnv(gym.Env):
         image_size: int = 84,
         terminate_on_success: bool = True,
         env_kwargs: Mapping[str, Any] | None = None,
+        abs_actions: bool = False,
     ):
         if int(max_episode_steps) < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
@@ -186,12 +198,15 @@ class RobomimicEnv(gym.Env):
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
         self.terminate_on_success = bool(terminate_on_success)
+        self.abs_actions = bool(abs_actions)
         image_keys = [f"{c}_image" for c in self.cameras]
         env_cls = _env_robosuite_class(image_keys)
         kwargs = dict(default_env_kwargs(self.cameras, self.image_size) if env_kwargs is None else env_kwargs)
         if self.cameras:
             kwargs.update(camera_names=list(self.cameras), camera_heights=self.image_size,
                           camera_widths=self.image_size)
+        if self.abs_actions:
+            kwargs["controller_configs"] = _absolute_controller_config(kwargs.get("controller_configs"))
         self._rng_state = np.random.RandomState().get_state()  # private placement generator (module docstring)
         self._elapsed_steps: int | None = None
         # postprocess_visual_obs=False: keep images uint8 HWC (robomimic would convert them to float CHW)
@@ -205,7 +220,14 @@ class RobomimicEnv(gym.Env):
             else:
                 obs_spaces[key] = spaces.Box(-np.inf, np.inf, value.shape, np.float32)
         self.observation_space = spaces.Dict(obs_spaces)
-        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        if self.abs_actions:
+            # the controller is built from the config on every (hard) reset, so control_delta=False persists
+            self._check_absolute_controllers()
+            high = np.full(ABS_ACTION_DIM, np.inf, np.float32)
+            high[-1] = 1.0  # position and rot6d are unbounded (rot6d is normalised), the gripper is in [-1, 1]
+            self.action_space = spaces.Box(-high, high, (ABS_ACTION_DIM,), np.float32)
+        else:
+            self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
     @classmethod
     def from_env_args(cls, env_args: str | Mapping[str, Any], **kwargs: Any) -> RobomimicEnv:
@@ -260,6 +282,8 @@ class RobomimicEnv(gym.Env):
         else:
             _with_rng(self, self.sim_env.reset)
             raw = self.sim_env.get_observation()  # forced refresh: reset's own observables can lag on some tasks
+        if self.abs_actions:
+            self._check_absolute_controllers()
         self._elapsed_steps = 0
         return self._observe(raw), self._info()
 
@@ -289,9 +313,25 @@ class RobomimicEnv(gym.Env):
 
     # -- internals -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _validate_action(action: Any) -> np.ndarray:
-        return checked_action(action, ACTION_DIM, "RobomimicEnv", "OSC_POSE delta", -1.0, 1.0)
+    def _validate_action(self, action: Any) -> np.ndarray:
+        """The 7-D action robosuite's controller takes: the delta action clipped to [-1, 1], or (abs_actions) the
+        absolute goal with its rot6d turned into axis-angle and the gripper clipped to [-1, 1]."""
+        if not self.abs_actions:
+            return checked_action(action, ACTION_DIM, "RobomimicEnv", "OSC_POSE delta", -1.0, 1.0)
+        act = checked_action(action, ABS_ACTION_DIM, "RobomimicEnv",
+                             "absolute OSC goal: position 3, rotation-6d 6, gripper 1", -np.inf, np.inf)
+        try:
+            axis_angle = rot6d_to_axis_angle(act[3:9])
+        except ValueError as err:
+            raise ValueError(f"RobomimicEnv absolute action has an invalid rotation-6d {act[3:9].tolist()}: {err}") \
+                from err
+        return np.concatenate([act[:3], axis_angle, np.clip(act[9:], -1.0, 1.0)])
+
+    def _check_absolute_controllers(self) -> None:
+        for robot in self.robosuite_env.robots:
+            if robot.controller.use_delta:
+                raise RuntimeError(f"RobomimicEnv(abs_actions=True): {type(robot.controller).__name__} still takes "
+                                   "deltas after reset (control_delta=False did not reach it)")
 
     def _observe(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         obs = {k: np.array(raw[k], dtype=np.float32, copy=True) for k in STATE_KEYS}
@@ -308,6 +348,19 @@ class RobomimicEnv(gym.Env):
             if name != "task":
                 info[f"success/{name}"] = bool(value)
         return info
+
+
+def _absolute_controller_config(config: Any) -> dict[str, Any]:
+    """A copy of an OSC_POSE controller config (robosuite 1.4 style, as in robomimic's env_args) with
+    `control_delta=False`, so the controller treats actions as absolute goals (robosuite's `OSC.set_goal`)."""
+    if config is None:
+        from robosuite.controllers import load_controller_config
+
+        config = load_controller_config(default_controller="OSC_POSE")
+    if not isinstance(config, Mapping) or config.get("type") != "OSC_POSE":
+        kind = config.get("type") if isinstance(config, Mapping) else type(config).__name__
+        raise ValueError(f"abs_actions needs an OSC_POSE controller config, got {kind!r}")
+    return {**config, "control_delta": False}
 
 
 def _with_rng(env: RobomimicEnv, func: Any) -> Any:

@@ -98,7 +98,8 @@ def _cmd_convert_robomimic(args: argparse.Namespace) -> int:
     from fm_policy.datasets.convert_robomimic import convert_robomimic
 
     with convert_robomimic(args.input, args.output, obs_keys=args.obs_keys, filter_key=args.filter,
-                           overwrite=args.overwrite, progress=not args.quiet) as buffer:
+                           overwrite=args.overwrite, progress=not args.quiet,
+                           abs_actions=args.abs_actions) as buffer:
         print(f"{args.output}: {buffer.n_episodes} episodes, {buffer.n_steps} steps, keys {buffer.keys}")
     return 0
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="zarr store to write (a directory)")
     p.add_argument("--obs-keys", type=_csv, default=None, help="observation keys to keep (default: all)")
     p.add_argument("--filter", default=None, help="convert only the demos in mask/<FILTER>, e.g. train")
+    p.add_argument("--abs-actions", action="store_true",
+                   help="store 10-D absolute OSC goals (position, rotation-6d, gripper) as action and the deltas as "
+                        "action_delta (replays the stored states in a simulator built from env_args)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert_robomimic)

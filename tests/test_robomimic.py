@@ -63,6 +63,7 @@ def robomimic_hdf5(lift, tmp_path_factory) -> Path:
                 rows["dones"].append(float(t == EPISODE_STEPS - 1))
             demo = data.create_group(f"demo_{i}")
             demo.attrs["num_samples"] = EPISODE_STEPS
+            demo.attrs["model_file"] = lift.get_model_xml()  # robomimic keeps each demo's scene XML
             for key, values in rows.items():
                 demo.create_dataset(key, data=np.asarray(values))
             for key, values in obs_rows.items():
@@ -205,18 +206,6 @@ def test_not_hdf5(tmp_path):
         convert_robomimic(path, tmp_path / "out.zarr", progress=False)
 
 
-def test_scripted_lift_expert_succeeds(lift):
-    from fm_policy.datasets.experts.robomimic_lift import LiftExpert, run_episode
-
-    limit, lift.max_episode_steps = lift.max_episode_steps, 150
-    try:
-        expert = LiftExpert(np.random.default_rng(0))
-        results = [run_episode(lift, seed, expert) for seed in (11, 12)]
-    finally:
-        lift.max_episode_steps = limit
-    assert all(success for success, _ in results), results
-
-
 def test_image_keys_convert_as_uint8(tmp_path):
     """Image observations stay uint8 HWC (robomimic's image.hdf5 layout); no state key without all low-dim keys."""
     path = tmp_path / "image.hdf5"
@@ -231,3 +220,111 @@ def test_image_keys_convert_as_uint8(tmp_path):
         images = buffer.array("agentview_image")
         assert images.dtype == np.uint8 and images.shape == (8, 84, 84, 3)
         assert int(images[7, 0, 0, 0]) == 1 and "env_args" not in buffer.attrs
+
+
+# -- absolute actions (rotation-6d) --------------------------------------------------------------------------------
+
+
+def test_rot6d_round_trip_and_pytorch3d_layout():
+    from fm_policy.datasets.rotations import (
+        axis_angle_to_rot6d,
+        matrix_to_rot6d,
+        rot6d_to_axis_angle,
+        rot6d_to_matrix,
+    )
+    from scipy.spatial.transform import Rotation
+
+    rotations = Rotation.random(200, random_state=0)
+    matrices = rotations.as_matrix().reshape(10, 20, 3, 3)  # leading dims are kept
+    rot6d = matrix_to_rot6d(matrices)
+    assert rot6d.shape == (10, 20, 6)
+    np.testing.assert_array_equal(rot6d[3, 4], matrices[3, 4, :2, :].ravel())  # first two rows, as pytorch3d
+    np.testing.assert_allclose(rot6d_to_matrix(rot6d), matrices, atol=1e-12)
+    rotvec = rotations.as_rotvec().reshape(10, 20, 3)
+    back = rot6d_to_axis_angle(axis_angle_to_rot6d(rotvec))
+    angle = (Rotation.from_rotvec(back.reshape(-1, 3)) * rotations.inv()).magnitude()
+    assert back.shape == (10, 20, 3) and angle.max() < 1e-9
+    # an unnormalised, non-orthogonal 6d vector (a policy's output) still gives a proper rotation
+    noisy = rot6d_to_matrix(3.0 * rot6d + np.random.default_rng(0).normal(scale=0.1, size=rot6d.shape))
+    np.testing.assert_allclose(noisy @ np.swapaxes(noisy, -1, -2), np.broadcast_to(np.eye(3), noisy.shape),
+                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(noisy), 1.0, atol=1e-12)
+    with pytest.raises(ValueError, match="parallel"):
+        rot6d_to_matrix([1.0, 0, 0, 2.0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def lift_abs() -> RobomimicEnv:
+    env = make_env("robomimic/lift", abs_actions=True, max_episode_steps=30)
+    yield env
+    env.close()
+
+
+def test_abs_action_env_space_and_validation(lift_abs):
+    assert lift_abs.action_space.shape == (10,)
+    lift_abs.reset(seed=0)  # a hard reset rebuilds the robots: the controller must still take absolute goals
+    assert all(not robot.controller.use_delta for robot in lift_abs.robosuite_env.robots)
+    with pytest.raises(ValueError, match=r"shape \(10,\)"):
+        lift_abs.step(np.zeros(7))
+    with pytest.raises(ValueError, match="finite"):
+        lift_abs.step(np.r_[np.nan, np.zeros(9)])
+    with pytest.raises(ValueError, match="invalid rotation-6d"):
+        lift_abs.step(np.zeros(10))
+
+
+def test_convert_abs_actions_and_replay(robomimic_hdf5, tmp_path, lift_abs, capsys):
+    """The converted absolute actions, replayed open loop in an abs-action env from each demo's first state,
+    reproduce the recorded (delta-action) end-effector trajectory."""
+    from fm_policy.datasets.rotations import rot6d_to_matrix
+    from scipy.spatial.transform import Rotation
+
+    out = tmp_path / "abs.zarr"
+    assert cli_main(["convert", "robomimic", str(robomimic_hdf5), str(out), "--abs-actions", "--quiet"]) == 0
+    assert "action_delta" in capsys.readouterr().out
+    deviations = []
+    with ReplayBuffer.open(out, required_keys=["state", "action", "action_delta"]) as buffer:
+        assert buffer.attrs["action_space"] == "osc_pose_abs_rot6d"
+        with h5py.File(robomimic_hdf5) as f:
+            deltas = [np.asarray(f[f"data/demo_{i}/actions"]) for i in range(N_EPISODES)]
+            models = [f[f"data/demo_{i}"].attrs["model_file"] for i in range(N_EPISODES)]
+        for i in range(N_EPISODES):
+            episode = buffer.get_episode(i)
+            action, delta = episode["action"], episode["action_delta"]
+            assert action.shape == (EPISODE_STEPS, 10) and action.dtype == np.float32
+            np.testing.assert_array_equal(delta, deltas[i].astype(np.float32))
+            np.testing.assert_array_equal(action[:, 9], delta[:, 6])  # gripper unchanged
+            # the goal is the end-effector pose of the step's state moved by the scaled delta (OSC_POSE: 5 cm and
+            # 0.5 rad per unit, rotation applied in the world frame)
+            sim, site = lift_abs.robosuite_env.sim, lift_abs.robosuite_env.robots[0].eef_site_id
+            for t in range(EPISODE_STEPS):
+                sim.set_state_from_flattened(episode["sim_state"][t])
+                sim.forward()
+                np.testing.assert_allclose(action[t, :3], sim.data.site_xpos[site] + 0.05 * delta[t, :3], atol=1e-6)
+                goal = Rotation.from_rotvec(0.5 * delta[t, 3:6]).as_matrix() @ sim.data.site_xmat[site].reshape(3, 3)
+                np.testing.assert_allclose(rot6d_to_matrix(action[t, 3:9]), goal, atol=1e-6)
+            # replay from the demo's first state and scene (Lift's cube size is re-sampled on every hard reset):
+            # eef after step t against the recorded observation before step t + 1
+            lift_abs.reset(options={"state": episode["sim_state"][0], "model": models[i]})
+            replayed = np.array([lift_abs.step(a)[0]["robot0_eef_pos"] for a in action[:-1]])
+            deviations.append(np.linalg.norm(replayed - episode["robot0_eef_pos"][1:], axis=1).max())
+    # measured 0.22-0.45 mm; the residual is simulator state that robomimic's flattened states do not hold
+    # (docs/results/robomimic.md). Replaying the *delta* actions the same way drifts by 5-8 mm.
+    assert max(deviations) < 2e-3, deviations
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no_env_args", "no env_args"),
+    ("no_states", "have no 'states'"),
+])
+def test_abs_actions_need_env_args_and_states(tmp_path, lift, case, message):
+    path = tmp_path / f"{case}.hdf5"
+    with h5py.File(path, "w") as f:
+        demo = f.create_group("data/demo_0")
+        demo.create_dataset("actions", data=np.zeros((5, 7)))
+        demo.create_dataset("obs/robot0_eef_pos", data=np.zeros((5, 3)))
+        if case == "no_states":
+            f["data"].attrs["env_args"] = json.dumps(lift.sim_env.serialize())
+    out = tmp_path / "out.zarr"
+    with pytest.raises(DatasetError, match=message):
+        convert_robomimic(path, out, abs_actions=True, progress=False)
+    assert not out.exists()
