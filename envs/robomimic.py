@@ -84,6 +84,22 @@ def _install_mujoco_py_stand_in() -> None:
     sys.modules["mujoco_py.builder"] = builder
 
 
+def _install_egl_probe_stand_in() -> None:
+    """robomimic imports `egl_probe` when an env renders offscreen (camera observations), only to pick the GPU that
+    EGL renders on. egl_probe ships as source only and needs cmake and a compiler to install, which a plain CPU machine
+    (and CI) lacks, so it is not a dependency: when it is missing, a stand-in reports no GPU devices and robosuite
+    renders on the default EGL device (Mesa's software EGL on a CPU machine). On a multi-GPU machine,
+    `pip install egl_probe` restores robomimic's device selection; a real egl_probe is always preferred."""
+    try:
+        import egl_probe  # noqa: F401
+        return
+    except Exception:
+        pass
+    stand_in = types.ModuleType("egl_probe")
+    stand_in.get_available_devices = lambda: []  # type: ignore[attr-defined]
+    sys.modules["egl_probe"] = stand_in  # replaces a failed import's None entry too
+
+
 def _env_robosuite_class(image_keys: Sequence[str] = ()) -> type:
     """Import robomimic's `EnvRobosuite` (optional extra) with a clear message when it is missing.
 
@@ -91,6 +107,7 @@ def _env_robosuite_class(image_keys: Sequence[str] = ()) -> type:
     then raises TypeError), so the table is initialised here with our low-dim keys plus any camera keys.
     """
     _install_mujoco_py_stand_in()
+    _install_egl_probe_stand_in()
     try:
         import robomimic.utils.obs_utils as obs_utils
         from robomimic.envs.env_robosuite import EnvRobosuite
@@ -171,6 +188,8 @@ class RobomimicEnv(gym.Env):
         env_kwargs: robosuite kwargs replacing `default_env_kwargs` (e.g. from a dataset's `env_args`).
         abs_actions: take 10-D absolute OSC goals (position, rotation-6d, gripper) instead of 7-D deltas; the OSC_POSE
             controller config is copied with `control_delta=False` (see the module docstring).
+        render_camera, render_size: camera and square resolution of `render()` frames (videos) for an env without
+            observation cameras.
 
     `info` after reset and every step: `is_success` (bool) and `success/<criterion>` for every criterion the env
     reports. `get_state()` returns the flattened MuJoCo state; `reset(options={"state": s})` restores one.
@@ -187,6 +206,8 @@ class RobomimicEnv(gym.Env):
         terminate_on_success: bool = True,
         env_kwargs: Mapping[str, Any] | None = None,
         abs_actions: bool = False,
+        render_camera: str = "agentview",
+        render_size: int = 256,
     ):
         if int(max_episode_steps) < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
@@ -199,6 +220,9 @@ class RobomimicEnv(gym.Env):
         self.image_size = int(image_size)
         self.terminate_on_success = bool(terminate_on_success)
         self.abs_actions = bool(abs_actions)
+        self.render_camera, self.render_size = render_camera, int(render_size)
+        self._renderer: Any = None
+        self._renderer_model: Any = None
         image_keys = [f"{c}_image" for c in self.cameras]
         env_cls = _env_robosuite_class(image_keys)
         kwargs = dict(default_env_kwargs(self.cameras, self.image_size) if env_kwargs is None else env_kwargs)
@@ -299,14 +323,30 @@ class RobomimicEnv(gym.Env):
         return self._observe(raw), float(reward), bool(terminated), bool(truncated), info
 
     def render(self) -> np.ndarray:
-        """RGB frame from the first camera (needs `cameras`: only then does the env own an offscreen context)."""
-        if not self.cameras:
-            raise RuntimeError("RobomimicEnv.render() needs cameras=[...] (the low-dim env has no renderer)")
-        frame = self.sim_env.render(mode="rgb_array", height=self.image_size, width=self.image_size,
-                                    camera_name=self.cameras[0])
-        return np.ascontiguousarray(frame)
+        """RGB frame (uint8 HWC) for videos: from the first observation camera when the env has cameras, else from
+        `render_camera` at `render_size` through a `mujoco.Renderer` created on first use. Lazily, so a low-dim env
+        owns no GL context until a video is actually recorded, and then only in the process that renders (the
+        harness renders inside the worker that owns the env)."""
+        if self.cameras:
+            frame = self.sim_env.render(mode="rgb_array", height=self.image_size, width=self.image_size,
+                                        camera_name=self.cameras[0])
+            return np.ascontiguousarray(frame)
+        import mujoco
+
+        sim = self.robosuite_env.sim
+        model = sim.model._model
+        if self._renderer is None or self._renderer_model is not model:  # robosuite rebuilds the model on reset
+            if self._renderer is not None:
+                self._renderer.close()
+            self._renderer = mujoco.Renderer(model, self.render_size, self.render_size)
+            self._renderer_model = model
+        self._renderer.update_scene(sim.data._data, camera=self.render_camera)
+        return np.ascontiguousarray(self._renderer.render())
 
     def close(self) -> None:
+        if getattr(self, "_renderer", None) is not None:
+            self._renderer.close()
+            self._renderer = None
         env = getattr(getattr(self, "sim_env", None), "env", None)
         if env is not None:
             env.close()

@@ -111,6 +111,18 @@ def _ints(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4,8; got '{value}'") from None
 
 
+def _env_kwarg(value: str) -> tuple[str, object]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. abs_actions=true; got '{value}'")
+    import yaml
+
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"value of '{key}' is not valid YAML: {exc}") from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fm_policy.eval.run import eval_checkpoint
 
@@ -125,7 +137,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         seed_start=args.seed_start,
         workers=args.workers,
-        env_kwargs={**_goal_kwargs(args), **({"tasks": list(args.tasks)} if args.tasks else {})},
+        env_kwargs={**_goal_kwargs(args), **({"tasks": list(args.tasks)} if args.tasks else {}),
+                    **dict(args.env_kwarg)},
         progress=not args.no_progress,
     )
     print(paths["markdown"].read_text())
@@ -291,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_csv, metavar="T1,T2,...",
                    help="Kitchen: tasks scored, p1..pK (default: microwave,kettle,light switch,slide cabinet)")
     p.add_argument("--workers", type=int, default=1, help="env worker processes (default 1: envs in this process)")
+    p.add_argument("--env-kwarg", type=_env_kwarg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra env factory argument, value parsed as YAML (repeatable), e.g. abs_actions=true for a "
+                        "robomimic policy trained on absolute actions, max_episode_steps=500")
     p.add_argument("--device", default="cpu")
     p.add_argument("--videos", type=int, default=0, help="mp4 videos of the first N episodes of each setting")
     p.add_argument("--out", help="report folder (default: <checkpoint>/eval)")

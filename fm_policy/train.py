@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -29,7 +30,7 @@ class EvalConfig:
     """Rollout evaluation during (loop.eval_every) and after training."""
 
     env: str = "pusht"
-    env_kwargs: dict[str, str] = field(default_factory=dict)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # bools and numbers stay typed (abs_actions: true)
     episodes: int = 50
     num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     seed_start: int = 100000

@@ -194,13 +194,14 @@ def test_eval_cli_on_real_pusht(store, tmp_path, capsys):
     checkpoint = train(_config(store, tmp_path / "run", "loop.steps=10"))
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(checkpoint / "ema"), "--episodes", "2", "--num-steps", "1,2",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--env-kwarg", "max_episode_steps=20", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "| num_steps | score [95% CI] | success [95% CI]" in text
     report = json.loads((out / "eval.json").read_text())
     assert [s["num_steps"] for s in report["settings"]] == [1, 2]
     assert all(len(s["episodes"]) == 2 for s in report["settings"])
-    assert report["env_info"]["env_kwargs"] == {"obs_mode": "state"}
+    assert report["env_info"]["env_kwargs"] == {"obs_mode": "state", "max_episode_steps": 20}  # YAML-typed int
+    assert all(e["steps"] <= 20 for s in report["settings"] for e in s["episodes"])
     assert (out / "eval.png").stat().st_size > 0
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "no such directory" in capsys.readouterr().err

@@ -73,3 +73,19 @@ def test_collect_cli_stores_replayable_demos(tmp_path, capsys):
 def test_recorder_rejects_unknown_observation_modes():
     with pytest.raises(ValueError, match="'state' and '<camera>_image'"):
         make_recorder("robomimic/lift", obs_modes=("state", "keypoints"))
+
+
+def test_low_dim_env_renders_video_frames_lazily():
+    """Videos of low-dim envs: no GL context until the first render(), then a mujoco.Renderer on `render_camera`
+    that follows robosuite's model rebuild on every hard reset."""
+    env = make_env("robomimic/lift", render_size=64)
+    try:
+        assert env._renderer is None
+        env.reset(seed=0)
+        first = env.render()
+        assert first.shape == (64, 64, 3) and first.dtype == np.uint8 and first.std() > 0
+        env.reset(seed=1)  # new model (cube re-sampled): the renderer is rebuilt for it
+        assert not np.array_equal(env.render(), first)
+    finally:
+        env.close()
+    assert env._renderer is None
