@@ -340,7 +340,9 @@ class RobomimicEnv(gym.Env):
                 self._renderer.close()
             self._renderer = mujoco.Renderer(model, self.render_size, self.render_size)
             self._renderer_model = model
-        self._renderer.update_scene(sim.data._data, camera=self.render_camera)
+            self._scene_option = mujoco.MjvOption()
+            self._scene_option.geomgroup[0] = 0  # robosuite puts collision geoms in group 0, visual meshes in 1
+        self._renderer.update_scene(sim.data._data, camera=self.render_camera, scene_option=self._scene_option)
         return np.ascontiguousarray(self._renderer.render())
 
     def close(self) -> None:

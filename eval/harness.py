@@ -451,7 +451,8 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("fm-policy", "numpy", "torch", "gymnasium", "gym-pusht", "pymunk", "mujoco", "imageio-ffmpeg"):
+    for dist in ("fm-policy", "numpy", "torch", "gymnasium", "gym-pusht", "pymunk", "mujoco", "gymnasium-robotics",
+                 "robosuite", "robomimic", "imageio-ffmpeg"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
