@@ -235,16 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = sub.add_parser("collect", help="generate expert demonstrations into a zarr store")
-    p.add_argument("--env", default="pusht", help="environment with a scripted expert (default: pusht)")
+    p.add_argument("--env", default="pusht", help="environment with a scripted expert: pusht (default), kitchen, robomimic/lift, "
+                        "robomimic/can, robomimic/square")
     p.add_argument("--episodes", type=int, default=200, help="successful episodes to store (default: 200)")
     p.add_argument("--out", required=True, help="output store, e.g. data/pusht_expert.zarr")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("--obs", type=_csv, default=None,
                    help="observation modes to store; Push-T: state, keypoints, image (default: state,keypoints); "
-                        "Kitchen: state")
+                        "Kitchen: state; robomimic/<task>: state and <camera>_image, e.g. agentview_image")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; candidate i uses env seed seed+i (default: 0)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="episode step limit (default: the env's, Push-T 300, Kitchen 280)")
+                   help="episode step limit (default: the env's, Push-T 300, Kitchen 280, robomimic 400)")
     p.add_argument("--max-retries", type=int, default=2, help="retries with fresh planner seeds (default: 2)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2,
                    help="2 (default) is readable by diffusion_policy; 3 is zarr's current format")
