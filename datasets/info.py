@@ -93,16 +93,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"episode length min/mean/max {length['min']}/{length['mean']}/{length['max']}",
         f"meta       {', '.join(summary['meta'])}",
         "",
-        f"{'key':<12}{'shape':<20}{'dtype':<10}{'chunks':<20}compressor",
     ]
+    w = max([12, *(len(k) + 2 for k in summary["keys"])])  # robomimic names such as robot0_gripper_qpos are long
+    lines.append(f"{'key':<{w}}{'shape':<20}{'dtype':<10}{'chunks':<20}compressor")
     for key, info in summary["keys"].items():
         lines.append(
-            f"{key:<12}{str(tuple(info['shape'])):<20}{info['dtype']:<10}{str(tuple(info['chunks'])):<20}{info['compressor']}"
+            f"{key:<{w}}{str(tuple(info['shape'])):<20}{info['dtype']:<10}{str(tuple(info['chunks'])):<20}"
+            f"{info['compressor']}"
         )
     lines += ["", "statistics (per dimension where the feature has <= 12 elements, else over all elements)"]
     for key, info in summary["keys"].items():
         for name, value in info["stats"].items():
-            lines.append(f"  {key:<12}{name:<6}{value}")
+            lines.append(f"  {key:<{w}}{name:<6}{value}")
     if summary["attrs"]:
         lines += ["", "attributes", json.dumps(summary["attrs"], indent=2, default=str)]
     return "\n".join(lines)
