@@ -330,8 +330,9 @@ def _fmt(stat: dict[str, float] | None, digits: int = 2) -> str:
 
 def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
     lines = []
-    checks = [(f"success@{cfg.deploy_steps}", True), ("auc", True), ("success@1", True), ("retention", True),
-              ("path_length", False)]
+    # scores (coverage) next to success: at small budgets success is near 0 everywhere and only scores separate
+    checks = [(f"success@{cfg.deploy_steps}", True), (f"score@{cfg.deploy_steps}", True), ("auc", True),
+              ("success@1", True), ("retention", True), ("retention_score", True), ("path_length", False)]
     for n, by_method in agg.items():
         if "gft" not in by_method:
             continue
@@ -383,20 +384,20 @@ def markdown(result: dict) -> str:
         "## Results on the variant (mean ± std over seeds)",
         "",
         ("Success/score: final checkpoint. AUC: trapezoid mean of the success-vs-step curve over the evaluated "
-        "checkpoints. Worst: the lowest checkpoint success. Retention: success on the original goal at "
+        "checkpoints. Worst: the lowest checkpoint success. Retention: success / score on the original goal at "
         f"{cfg.deploy_steps} steps. Path: average Euler path length over {cfg.path_steps} steps (action units: pixels) "
         "and straightness (length / displacement, 1 = straight)."),
         "",
         "| demos | method | " + " | ".join(f"success@{n}" for n in ns) + f" | score@{cfg.deploy_steps} | AUC | worst "
-        "| retention | path length | straightness | train CPU s |",
-        "| --- | --- | " + " | ".join("---" for _ in ns) + " | --- | --- | --- | --- | --- | --- | --- |",
+        "| retention | retention score | path length | straightness | train CPU s |",
+        "| --- | --- | " + " | ".join("---" for _ in ns) + " | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, by_method in agg.items():
         for method, s in by_method.items():
             lines.append(
                 f"| {n} | {method} | " + " | ".join(_fmt(s[f"success@{k}"]) for k in ns)
                 + f" | {_fmt(s[f'score@{cfg.deploy_steps}'])} | {_fmt(s['auc'])} | {_fmt(s['worst_checkpoint'])} "
-                f"| {_fmt(s['retention'])} | {_fmt(s['path_length'])} | {_fmt(s['straightness'], 3)} "
+                f"| {_fmt(s['retention'])} | {_fmt(s['retention_score'])} | {_fmt(s['path_length'])} | {_fmt(s['straightness'], 3)} "
                 f"| {s['train_cpu_s']['mean']:.0f} |")
     lines += ["", "## GFT against the baselines", "",
               ("Per cell: a difference of means beyond 2 standard errors over seeds is a win/loss, else a tie "
