@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import fm_policy
-from fm_policy.datasets.recorders import Episode, EpisodeRecorder, make_recorder
+from fm_policy.datasets.recorders import RECORDERS, Episode, EpisodeRecorder, make_recorder
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.seeds import planner_seed_for
 
@@ -57,7 +57,7 @@ class CollectConfig:
 _ENV_COLLECT_DEFAULTS: dict[str, dict[str, Any]] = {
     "pusht": {"obs": ("state", "keypoints"), "max_steps": 300},
     "kitchen": {"obs": ("state",), "max_steps": 280},
-    **{f"robomimic/{task}": {"obs": ("state",), "max_steps": 400} for task in ("lift", "can", "square")},
+    **{env: {"obs": ("state",), "max_steps": 400} for env in RECORDERS if env.startswith("robomimic/")},
 }
 
 

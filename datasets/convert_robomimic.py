@@ -44,9 +44,7 @@ import numpy as np
 from fm_policy.datasets.errors import DatasetError
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.rotations import matrix_to_rot6d
-
-STATE_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
-"""Same order as `fm_policy.envs.robomimic.STATE_KEYS` (repeated so conversion needs no simulator import)."""
+from fm_policy.envs.robomimic import STATE_KEYS, state_vector  # no simulator import: robomimic loads lazily
 
 _DEMO = re.compile(r"^demo_(\d+)$")
 ABS_ACTION_SPACE = "osc_pose_abs_rot6d"
@@ -109,8 +107,8 @@ def _read_demo(path: str, name: str, demo: Any, obs_keys: Sequence[str] | None) 
             got = value.shape[0] if value.ndim else "a scalar"
             raise DatasetError(path, f"demo '{name}': '{key}' has {got} steps but 'actions' has {n}",
                                key=f"data/{name}")
-    if all(k in arrays for k in STATE_KEYS):  # the env's flat `state`, built the same way
-        arrays["state"] = np.concatenate([arrays[k].reshape(n, -1) for k in STATE_KEYS], axis=-1)
+    if all(k in arrays for k in STATE_KEYS):  # the env's flat `state`, built by the env's own function
+        arrays["state"] = state_vector({k: arrays[k].reshape(n, -1) for k in STATE_KEYS})
     return arrays
 
 
@@ -242,6 +240,7 @@ def convert_robomimic(
                 arrays = _read_demo(in_path, name, data[name], obs_keys)
                 if env is not None:
                     try:
+                        # the actions re-read at their stored precision (arrays["action"] is already float32)
                         absolute = delta_to_absolute_actions(env, arrays["sim_state"], data[name]["actions"][()])
                     except ValueError as exc:
                         raise DatasetError(in_path, f"demo '{name}': cannot convert to absolute actions ({exc})",

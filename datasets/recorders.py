@@ -10,12 +10,13 @@ action t produced (`n_contacts`).
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from fm_policy.versions import package_versions
 
 
 @dataclass
@@ -32,13 +33,6 @@ class EpisodeRecorder(Protocol):
     def dataset_attrs(self) -> dict[str, Any]:
         """How the data is made (env id and versions, observation modes, expert settings): stored in the zarr."""
         ...
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 class PushTRecorder:
@@ -96,7 +90,7 @@ class PushTRecorder:
         return {
             "env": "pusht",
             "env_id": "gym_pusht/PushT-v0",
-            "env_versions": {p: _version(p) for p in ("gym-pusht", "pymunk", "gymnasium")},
+            "env_versions": package_versions(("gym-pusht", "pymunk", "gymnasium")),
             "env_kwargs": self.env_kwargs,
             "goal_pose": [float(v) for v in self.env.goal_pose],
             "obs_modes": list(self.obs_modes),
@@ -150,7 +144,7 @@ class KitchenRecorder:
         return {
             "env": "kitchen",
             "env_id": "FrankaKitchen-v1",
-            "env_versions": {p: _version(p) for p in ("gymnasium-robotics", "mujoco", "gymnasium")},
+            "env_versions": package_versions(("gymnasium-robotics", "mujoco", "gymnasium")),
             "env_kwargs": self.env_kwargs,
             "tasks": list(self.tasks),
             "obs_modes": ["state"],
@@ -215,7 +209,7 @@ class RobomimicRecorder:
         return {
             "env": f"robomimic/{self.task}",
             "env_args": json.dumps(env_args, default=str),
-            "env_versions": {p: _version(p) for p in ("robosuite", "robomimic", "mujoco")},
+            "env_versions": package_versions(("robosuite", "robomimic", "mujoco")),
             "env_kwargs": self.env_kwargs,
             "obs_modes": ["state", *self.image_keys],
             "max_steps": self.max_steps,

@@ -56,7 +56,12 @@ def make_env(name: str, **kwargs: Any) -> gym.Env:
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ValueError(f"unknown env '{name}'; available: {', '.join(available_envs()) or '(none)'}")
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:  # a misspelt or foreign keyword (config eval.env_kwargs, --env-kwarg): say which env
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ValueError(f"env '{name}' does not take the argument(s) given in {sorted(kwargs)}: {exc}") from exc
 
 
 def env_kwargs_for_obs_keys(name: str, obs_keys: list[str]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first mujoco GL import
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -63,41 +64,40 @@ DEFAULT_MAX_EPISODE_STEPS = 400
 CONTROL_FREQ = 20
 
 
-def _install_mujoco_py_stand_in() -> None:
-    """robomimic 0.3.0's `env_robosuite` imports `mujoco_py` at module level only to name an exception class
-    (`mujoco_py.builder.MujocoException`, in `rollout_exceptions`). mujoco_py is the long-dead MuJoCo 2.0 binding and
-    does not install on current Pythons; robosuite >= 1.3 uses the official `mujoco` bindings. So a tiny module stands
-    in for it, with `MujocoException = Exception`. This is the only place that does so; a real mujoco_py, if one is
-    installed, is left alone."""
-    if "mujoco_py" in sys.modules:
-        return
+def _missing(module: str) -> bool:
+    """True if `module` cannot be imported (not installed, or a broken install that fails while importing)."""
     try:
-        import mujoco_py  # noqa: F401
-        return
-    except Exception:  # ImportError, or a broken legacy install that fails while compiling
-        pass
-    stand_in = types.ModuleType("mujoco_py")
-    builder = types.ModuleType("mujoco_py.builder")
-    builder.MujocoException = Exception  # type: ignore[attr-defined]
-    stand_in.builder = builder  # type: ignore[attr-defined]
-    sys.modules["mujoco_py"] = stand_in
-    sys.modules["mujoco_py.builder"] = builder
-
-
-def _install_egl_probe_stand_in() -> None:
-    """robomimic imports `egl_probe` when an env renders offscreen (camera observations), only to pick the GPU that
-    EGL renders on. egl_probe ships as source only and needs cmake and a compiler to install, which a plain CPU machine
-    (and CI) lacks, so it is not a dependency: when it is missing, a stand-in reports no GPU devices and robosuite
-    renders on the default EGL device (Mesa's software EGL on a CPU machine). On a multi-GPU machine,
-    `pip install egl_probe` restores robomimic's device selection; a real egl_probe is always preferred."""
-    try:
-        import egl_probe  # noqa: F401
-        return
+        importlib.import_module(module)
+        return False
     except Exception:
-        pass
-    stand_in = types.ModuleType("egl_probe")
-    stand_in.get_available_devices = lambda: []  # type: ignore[attr-defined]
-    sys.modules["egl_probe"] = stand_in  # replaces a failed import's None entry too
+        return True
+
+
+def _register_stand_in(module: str, **attributes: Any) -> types.ModuleType:
+    stand_in = types.ModuleType(module)
+    stand_in.__dict__.update(attributes)
+    sys.modules[module] = stand_in  # replaces a failed import's None entry too
+    return stand_in
+
+
+def _install_stand_ins() -> None:
+    """Tiny modules for two imports of robomimic 0.3.0 that cannot be satisfied on a current machine; a real module,
+    when one imports, is always left alone. This is the only place that installs them.
+
+    - `mujoco_py`: `env_robosuite` imports it at module level only to name an exception class
+      (`mujoco_py.builder.MujocoException`, in `rollout_exceptions`). mujoco_py is the long-dead MuJoCo 2.0 binding
+      and does not install on current Pythons; robosuite >= 1.3 uses the official `mujoco` bindings. Stand-in:
+      `MujocoException = Exception`.
+    - `egl_probe`: imported when an env renders offscreen (camera observations), only to pick the GPU that EGL renders
+      on. It ships as source only and needs cmake and a compiler, which a plain CPU machine (and CI) lacks, so it is
+      not a dependency. Stand-in: no GPU devices, so robosuite renders on the default EGL device (Mesa's software EGL
+      on a CPU machine). On a multi-GPU machine `pip install egl_probe` restores robomimic's device selection.
+    """
+    if "mujoco_py" not in sys.modules and _missing("mujoco_py"):
+        builder = _register_stand_in("mujoco_py.builder", MujocoException=Exception)
+        _register_stand_in("mujoco_py", builder=builder)
+    if _missing("egl_probe"):
+        _register_stand_in("egl_probe", get_available_devices=lambda: [])
 
 
 def _env_robosuite_class(image_keys: Sequence[str] = ()) -> type:
@@ -106,8 +106,7 @@ def _env_robosuite_class(image_keys: Sequence[str] = ()) -> type:
     robomimic's `get_observation` consults its global observation-modality table (it is None until initialised and
     then raises TypeError), so the table is initialised here with our low-dim keys plus any camera keys.
     """
-    _install_mujoco_py_stand_in()
-    _install_egl_probe_stand_in()
+    _install_stand_ins()
     try:
         import robomimic.utils.obs_utils as obs_utils
         from robomimic.envs.env_robosuite import EnvRobosuite
@@ -269,8 +268,11 @@ class RobomimicEnv(gym.Env):
         return self._elapsed_steps or 0
 
     def get_state(self) -> np.ndarray:
-        """Flattened MuJoCo state (time, qpos, qvel), robomimic's `states` row; `reset(options={"state": ...})`."""
-        return np.array(self.sim_env.get_state()["states"], dtype=np.float64)
+        """Flattened MuJoCo state (time, qpos, qvel), robomimic's `states` row; `reset(options={"state": ...})`.
+
+        Read from the sim directly: robomimic's `get_state()` also serialises the model XML (~1 ms), and the recorder
+        calls this every step."""
+        return np.array(self.robosuite_env.sim.get_state().flatten(), dtype=np.float64)
 
     def get_model_xml(self) -> str:
         """The MJCF XML of the current scene (robomimic's per-demo `model_file`). Pass it with a state to `reset`:

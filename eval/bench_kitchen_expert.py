@@ -18,7 +18,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -28,6 +27,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from fm_policy.eval.bench_common import cpu_name, write_results  # noqa: E402
+from fm_policy.versions import package_versions  # noqa: E402
 
 SEQUENCE = ("microwave", "kettle", "light switch", "slide cabinet")
 SINGLE = ("microwave", "kettle", "light switch", "slide cabinet", "bottom burner", "top burner", "hinge cabinet")
@@ -136,12 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if pool:
             pool.close()
-    versions = {}
-    for pkg in ("gymnasium-robotics", "mujoco", "gymnasium", "scipy", "numpy"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
+    versions = package_versions(("gymnasium-robotics", "mujoco", "gymnasium", "scipy", "numpy"))
     result = {
         "episodes": args.episodes, "seed": args.seed, "max_steps": args.max_steps, "workers": args.workers,
         "command": "python " + shlex.join(sys.argv) if argv is None else "main(" + repr(argv) + ")",

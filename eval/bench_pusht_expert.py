@@ -23,7 +23,6 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -34,6 +33,7 @@ from multiprocessing import Pool  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+from fm_policy.versions import package_versions  # noqa: E402
 
 _ENV = None  # one env per (worker) process
 
@@ -129,12 +129,7 @@ def machine_info() -> dict[str, str]:
 
     model = next((ln.split(":", 1)[1].strip() for ln in _run(["lscpu"]).splitlines() if ln.startswith("Model name")),
                  platform.processor())
-    versions = {}
-    for pkg in ("gym-pusht", "pymunk", "shapely", "gymnasium", "numpy"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
+    versions = package_versions(("gym-pusht", "pymunk", "shapely", "gymnasium", "numpy"))
     return {
         "cpu_model": model,
         "nproc": _run(["nproc"]).strip(),

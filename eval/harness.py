@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 from fm_policy.envs.registry import env_metrics
+from fm_policy.versions import package_versions
 
 from .metrics import Estimate, mean_ci, rate_ci
 
@@ -448,16 +449,9 @@ def _episode_seed(torch_seed: int, env_seed: int) -> int:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("fm-policy", "numpy", "torch", "gymnasium", "gym-pusht", "pymunk", "mujoco", "gymnasium-robotics",
-                 "robosuite", "robomimic", "imageio-ffmpeg"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return {"python": platform.python_version(), **package_versions(
+        ("fm-policy", "numpy", "torch", "gymnasium", "gym-pusht", "pymunk", "mujoco", "gymnasium-robotics",
+         "robosuite", "robomimic", "imageio-ffmpeg"), missing=None)}
 
 
 def _hardware(device: Any) -> dict[str, Any]:

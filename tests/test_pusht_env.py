@@ -185,5 +185,7 @@ def test_registry() -> None:
     assert isinstance(env, PushTEnv) and env.max_episode_steps == 10
     with pytest.raises(ValueError, match="pusht"):
         make_env("no-such-env")
+    with pytest.raises(ValueError, match=r"env 'pusht' does not take .*'obs_mod'"):
+        make_env("pusht", obs_mod="keypoints")
     with pytest.raises(ValueError, match="already registered"):
         register_env("pusht", PushTEnv)

@@ -92,7 +92,6 @@ class RobomimicExpert:
             raise ValueError(f"no scripted robomimic expert for task '{task}'; available: {list(self.TASKS)}")
         self.task = task
         self.config = config or RobomimicExpertConfig()
-        self.rng = np.random.default_rng(0)
         self.env: Any = None
         self.phases: list[_Phase] = []
         self.phase = self.phase_steps = 0
@@ -102,7 +101,7 @@ class RobomimicExpert:
     def reset(self, env: Any, seed: int) -> None:
         """Draw this episode's style from `seed` and build its phase list (the scene must already be reset)."""
         c, rng = self.config, np.random.default_rng(seed)
-        self.rng, self.env = rng, env
+        self.env = env
         self.hover = float(rng.uniform(*c.hover_height))
         self.gain = float(rng.uniform(*c.gain))
         scale = 0.5 if self.task == "can" else 1.0
@@ -271,8 +270,8 @@ class RobomimicExpert:
         peg = np.asarray(sim.data.body_xpos[sim.model.body_name2id(SQUARE_PEG_BODY)], dtype=np.float64).copy()
         handle_site = sim.model.site_name2id(SQUARE_HANDLE_SITE)
 
-        def handle(obs: dict) -> np.ndarray:
-            return np.asarray(self.env.robosuite_env.sim.data.site_xpos[handle_site], dtype=np.float64).copy()
+        def handle(obs: dict) -> np.ndarray:  # `sim` is this episode's (robosuite rebuilds it only on reset)
+            return np.asarray(sim.data.site_xpos[handle_site], dtype=np.float64).copy()
 
         def nut_yaw(obs: dict) -> float:
             return yaw_from_quat_xyzw(obs["object"][3:7])
