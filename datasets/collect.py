@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from fm_policy.datasets.recorders import Episode, EpisodeRecorder, make_recorder
+from fm_policy.datasets.replay_buffer import ReplayBuffer
+from fm_policy.datasets.seeds import planner_seed_for
+from fm_policy.envs.registry import expert_collection
 from tqdm.auto import tqdm
 
 import fm_policy
-from fm_policy.datasets.recorders import RECORDERS, Episode, EpisodeRecorder, make_recorder
-from fm_policy.datasets.replay_buffer import ReplayBuffer
-from fm_policy.datasets.seeds import planner_seed_for
+from fm_policy.errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
 ATTRS_KEY = "fm_policy_collect"
@@ -54,16 +56,11 @@ class CollectConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
 
 
-_ENV_COLLECT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pusht": {"obs": ("state", "keypoints"), "max_steps": 300},
-    "kitchen": {"obs": ("state",), "max_steps": 280},
-    **{env: {"obs": ("state",), "max_steps": 400} for env in RECORDERS if env.startswith("robomimic/")},
-}
-
-
 def env_collect_defaults(env: str) -> dict[str, Any]:
-    """Per-env defaults for `obs` and `max_steps` (CollectConfig's own defaults are Push-T's)."""
-    return dict(_ENV_COLLECT_DEFAULTS.get(env, _ENV_COLLECT_DEFAULTS["pusht"]))
+    """`obs` and `max_steps` from the env's spec (`EnvSpec.collection`), for the CLI when they are not given
+    (CollectConfig's own defaults are Push-T's). An env without an expert is an error listing those with one."""
+    collection = expert_collection(env)
+    return {"obs": tuple(collection.obs), "max_steps": collection.max_steps}
 
 
 # ---------------------------------------------------------------- worker side
@@ -105,7 +102,7 @@ def _open_output(config: CollectConfig, recorder_attrs: dict[str, Any]) -> tuple
         buffer = ReplayBuffer.resume(partial)
         stored = buffer.attrs.get(ATTRS_KEY, {})
         if stored.get("generation") != config.generation_settings():
-            raise ValueError(
+            raise UserError(
                 f"{partial} is an interrupted collection with other settings ({stored.get('generation')}); "
                 "delete it or pass --overwrite"
             )
@@ -127,9 +124,9 @@ def _open_output(config: CollectConfig, recorder_attrs: dict[str, Any]) -> tuple
 def collect(config: CollectConfig, progress: bool = True) -> dict[str, Any]:
     """Collect `config.episodes` successful expert episodes into `config.out`; returns a summary."""
     if config.episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {config.episodes}")
+        raise UserError(f"episodes must be >= 1, got {config.episodes}")
     if config.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {config.workers}")
+        raise UserError(f"workers must be >= 1, got {config.workers}")
     recorder_kwargs = {"obs_modes": tuple(config.obs), "max_steps": config.max_steps, **config.env_kwargs}
     # the parent needs the recorder's description only; building it is cheap for Push-T and validates the settings
     # before any worker starts. Envs that own GL contexts will describe themselves without an env here.

@@ -3,50 +3,39 @@
 A policy sees the same observation keys in training and in the simulator. Most keys are stored as they are observed
 (`state`, `image`); some observations are derived from stored fields, because the stores keep diffusion_policy's
 field layout: Push-T's 20-D `keypoints` observation is the 9 block keypoints (`keypoint`, (9, 2)) flattened plus the
-agent position (`state[:, :2]`). `DERIVED_KEYS` is the one place that knows such recipes.
+agent position (`state[:, :2]`). Each env's spec declares such recipes (`EnvSpec.derived_keys` for built keys,
+`EnvSpec.renamed_keys` for plain renames such as Push-T's `image` <- `img`); this module uses the union over all
+registered envs (`fm_policy.envs.registry.dataset_key_recipes`), not the recipes of the store's env, because a store
+need not record its env (diffusion_policy's Push-T zarr has no attributes). A key stored under its own name always
+wins over a recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fm_policy.datasets.errors import DatasetError
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.sampler import SequenceDataset, SequenceSampler, episode_split
+from fm_policy.envs.registry import dataset_key_recipes
+from fm_policy.envs.spec import DerivedKey
 
-
-@dataclass(frozen=True)
-class DerivedKey:
-    sources: tuple[str, ...]
-    build: Callable[[Mapping[str, np.ndarray]], np.ndarray]
-
-
-def _pusht_keypoints(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    from fm_policy.envs.pusht import lowdim_keypoint_obs  # Push-T only: gym-pusht is an optional install
-
-    return lowdim_keypoint_obs(arrays["keypoint"], arrays["state"][..., :2]).astype(np.float32)
-
-
-DERIVED_KEYS: dict[str, DerivedKey] = {
-    "keypoints": DerivedKey(sources=("keypoint", "state"), build=_pusht_keypoints),
-}
-# stored image key -> observation key, for stores in diffusion_policy's naming
-RENAMED_KEYS: dict[str, str] = {"image": "img"}
+__all__ = ["DataConfig", "DerivedKey", "PolicyData", "build_policy_data", "load_policy_arrays", "stored_keys_for"]
 
 
 def stored_keys_for(obs_keys: Sequence[str], action_key: str, available: Sequence[str]) -> list[str]:
     """Store keys needed to build `obs_keys` and the action."""
+    derived, renamed = dataset_key_recipes()
     needed: list[str] = []
     for key in obs_keys:
         if key in available:
             needed.append(key)
-        elif key in DERIVED_KEYS:
-            needed.extend(DERIVED_KEYS[key].sources)
-        elif RENAMED_KEYS.get(key) in available:
-            needed.append(RENAMED_KEYS[key])
+        elif key in derived:
+            needed.extend(derived[key].sources)
+        elif renamed.get(key) in available:
+            needed.append(renamed[key])
         else:
             needed.append(key)  # missing: ReplayBuffer.require reports it clearly
     return list(dict.fromkeys([*needed, action_key]))
@@ -56,14 +45,15 @@ def load_policy_arrays(buffer: ReplayBuffer, obs_keys: Sequence[str], action_key
     """Observation arrays under their env keys plus `action` (float32), all in memory."""
     buffer.require(stored_keys_for(obs_keys, action_key, buffer.keys))
     stored = buffer.load(stored_keys_for(obs_keys, action_key, buffer.keys))
+    derived, renamed = dataset_key_recipes()
     arrays: dict[str, np.ndarray] = {}
     for key in obs_keys:
         if key in stored:
             arrays[key] = stored[key]
-        elif key in DERIVED_KEYS:
-            arrays[key] = DERIVED_KEYS[key].build(stored)
+        elif key in derived:
+            arrays[key] = derived[key].build(stored)
         else:
-            arrays[key] = stored[RENAMED_KEYS[key]]
+            arrays[key] = stored[renamed[key]]
         if arrays[key].dtype.kind == "f":
             arrays[key] = arrays[key].astype(np.float32, copy=False)
     arrays["action"] = stored[action_key].astype(np.float32, copy=False)

@@ -6,16 +6,21 @@ lazily in the worker, never in the parent: MuJoCo-based envs must not fork a GL 
 
 Step alignment (diffusion_policy's): row t holds the observation seen before action t, action t, and what executing
 action t produced (`n_contacts`).
+
+Recorders are found through the env's spec (`EnvSpec.collection`, see `fm_policy.envs.spec`), which imports the
+recorder class lazily; a recorder for a new env can live anywhere, e.g. next to the env's spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from fm_policy.envs.registry import env_spec, expert_collection
 
+from fm_policy.errors import UserError
 from fm_policy.versions import package_versions
 
 
@@ -48,7 +53,7 @@ class PushTRecorder:
 
         unknown = set(obs_modes) - set(self.KEY_FOR_MODE)
         if unknown:
-            raise ValueError(f"unknown Push-T observation modes {sorted(unknown)}; choose from {list(self.KEY_FOR_MODE)}")
+            raise UserError(f"unknown Push-T observation modes {sorted(unknown)}; choose from {list(self.KEY_FOR_MODE)}")
         self.obs_modes = tuple(m for m in self.KEY_FOR_MODE if m in obs_modes)
         # the env always observes `state`: it is stored for every mode
         env_modes = tuple(dict.fromkeys(("state", *self.obs_modes)))
@@ -90,7 +95,7 @@ class PushTRecorder:
         return {
             "env": "pusht",
             "env_id": "gym_pusht/PushT-v0",
-            "env_versions": package_versions(("gym-pusht", "pymunk", "gymnasium")),
+            "env_versions": package_versions(env_spec("pusht").packages),
             "env_kwargs": self.env_kwargs,
             "goal_pose": [float(v) for v in self.env.goal_pose],
             "obs_modes": list(self.obs_modes),
@@ -114,7 +119,7 @@ class KitchenRecorder:
 
         unknown = set(obs_modes) - {"state"}
         if unknown:
-            raise ValueError(f"Franka Kitchen stores only the 'state' observation, got {sorted(unknown)}")
+            raise UserError(f"Franka Kitchen stores only the 'state' observation, got {sorted(unknown)}")
         self.tasks = parse_tasks(COMPLETE_TASKS if tasks is None else tasks)
         self.env = make_env("kitchen", tasks=list(self.tasks), max_episode_steps=max_steps, **env_kwargs)
         self.env_kwargs = dict(env_kwargs)
@@ -144,7 +149,7 @@ class KitchenRecorder:
         return {
             "env": "kitchen",
             "env_id": "FrankaKitchen-v1",
-            "env_versions": package_versions(("gymnasium-robotics", "mujoco", "gymnasium")),
+            "env_versions": package_versions(env_spec("kitchen").packages),
             "env_kwargs": self.env_kwargs,
             "tasks": list(self.tasks),
             "obs_modes": ["state"],
@@ -174,7 +179,7 @@ class RobomimicRecorder:
         modes = tuple(dict.fromkeys(obs_modes))
         bad = [m for m in modes if m != "state" and not m.endswith("_image")]
         if bad:
-            raise ValueError(f"robomimic observation modes are 'state' and '<camera>_image' (e.g. agentview_image); "
+            raise UserError(f"robomimic observation modes are 'state' and '<camera>_image' (e.g. agentview_image); "
                              f"got {bad}")
         self.image_keys = tuple(m for m in modes if m.endswith("_image"))
         self.keys = (*STATE_KEYS, "state", *self.image_keys)
@@ -209,7 +214,7 @@ class RobomimicRecorder:
         return {
             "env": f"robomimic/{self.task}",
             "env_args": json.dumps(env_args, default=str),
-            "env_versions": package_versions(("robosuite", "robomimic", "mujoco")),
+            "env_versions": package_versions(env_spec(f"robomimic/{self.task}").packages),
             "env_kwargs": self.env_kwargs,
             "obs_modes": ["state", *self.image_keys],
             "max_steps": self.max_steps,
@@ -217,21 +222,6 @@ class RobomimicRecorder:
         }
 
 
-def _robomimic_recorder(task: str) -> Callable[..., EpisodeRecorder]:
-    def build(**kwargs: Any) -> EpisodeRecorder:
-        return RobomimicRecorder(task, **kwargs)
-
-    return build
-
-
-RECORDERS: dict[str, Callable[..., EpisodeRecorder]] = {
-    "pusht": PushTRecorder,
-    "kitchen": KitchenRecorder,
-    **{f"robomimic/{task}": _robomimic_recorder(task) for task in ("lift", "can", "square")},
-}
-
-
 def make_recorder(env: str, **kwargs: Any) -> EpisodeRecorder:
-    if env not in RECORDERS:
-        raise ValueError(f"no expert recorder for env '{env}'; available: {sorted(RECORDERS)}")
-    return RECORDERS[env](**kwargs)
+    """The recorder that env `env`'s spec declares (`EnvSpec.collection`), built with `kwargs`."""
+    return expert_collection(env).recorder(**kwargs)

@@ -35,6 +35,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from fm_policy.errors import UserError
+
 from .actions import checked_action  # noqa: E402
 
 ALL_TASKS: tuple[str, ...] = (
@@ -65,12 +67,12 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> tuple[str, ...]:
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [str(n).strip() for n in names if str(n).strip()]
     if not names:
-        raise ValueError(f"tasks must name at least one of {list(ALL_TASKS)}, got {tasks!r}")
+        raise UserError(f"tasks must name at least one of {list(ALL_TASKS)}, got {tasks!r}")
     unknown = [n for n in names if n not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown Kitchen task(s) {unknown}; choose from {list(ALL_TASKS)}")
+        raise UserError(f"unknown Kitchen task(s) {unknown}; choose from {list(ALL_TASKS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"Kitchen tasks must be distinct, got {names}")
+        raise UserError(f"Kitchen tasks must be distinct, got {names}")
     return tuple(names)
 
 
@@ -99,11 +101,11 @@ class KitchenConfig:
         for name in ("max_episode_steps", "render_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UserError(f"{name} must be a positive int, got {value!r}")
         for name in ("robot_noise_ratio", "object_noise_ratio"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise UserError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class KitchenEnv(gym.Env):
@@ -284,7 +286,7 @@ def check_obs_keys(obs_keys: Sequence[str]) -> None:
     """Kitchen observes `state` only; a policy asking for anything else was trained on another env."""
     unknown = [k for k in obs_keys if k != "state"]
     if unknown:
-        raise ValueError(f"Franka Kitchen has no observation keys {unknown}; it observes ['state'] (59-D)")
+        raise UserError(f"Franka Kitchen has no observation keys {unknown}; it observes ['state'] (59-D)")
 
 
 def kitchen_metrics(task_counts: Sequence[float], env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

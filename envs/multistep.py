@@ -18,6 +18,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from fm_policy.errors import UserError
+
 RewardAgg = Literal["max", "sum", "mean"]
 _REDUCERS = {"max": max, "sum": sum, "mean": lambda rs: sum(rs) / len(rs)}
 
@@ -61,9 +63,9 @@ class MultiStepWrapper(gym.Wrapper):
         super().__init__(env)
         for name, value in (("n_obs_steps", n_obs_steps), ("n_action_steps", n_action_steps)):
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UserError(f"{name} must be a positive int, got {value!r}")
         if reward_agg not in _REDUCERS:
-            raise ValueError(f"reward_agg must be one of {sorted(_REDUCERS)}, got {reward_agg!r}")
+            raise UserError(f"reward_agg must be one of {sorted(_REDUCERS)}, got {reward_agg!r}")
         if not isinstance(env.observation_space, spaces.Dict):
             raise TypeError(f"MultiStepWrapper needs a Dict observation space, got {env.observation_space}")
         if not isinstance(env.action_space, spaces.Box):

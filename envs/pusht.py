@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from fm_policy.errors import UserError
+
 from .actions import checked_action  # noqa: E402
 
 WORKSPACE_SIZE = 512.0
@@ -159,7 +161,7 @@ def _validated_goal(goal_pose: Sequence[float] | None) -> np.ndarray | None:
         return None
     goal = np.asarray(goal_pose, dtype=np.float64)
     if goal.shape != (3,) or not np.all(np.isfinite(goal)):
-        raise ValueError(f"goal_pose must be 3 finite numbers (x, y, angle), got {goal_pose!r}")
+        raise UserError(f"goal_pose must be 3 finite numbers (x, y, angle), got {goal_pose!r}")
     return goal
 
 
@@ -194,7 +196,7 @@ def obs_mode_for_keys(obs_keys: Sequence[str]) -> str:
     unknown = [k for k in obs_keys if not any(k in keys for keys in OBS_KEYS_BY_MODE.values())]
     if unknown:
         valid = sorted({k for keys in OBS_KEYS_BY_MODE.values() for k in keys})
-        raise ValueError(f"Push-T has no observation keys {unknown}; it observes {valid}")
+        raise UserError(f"Push-T has no observation keys {unknown}; it observes {valid}")
     return ",".join(mode for mode, keys in OBS_KEYS_BY_MODE.items() if any(k in obs_keys for k in keys))
 
 
@@ -203,7 +205,7 @@ def _parse_obs_mode(obs_mode: str | Sequence[str]) -> tuple[str, ...]:
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in OBS_MODES]
     if unknown or not names:
-        raise ValueError(
+        raise UserError(
             f"obs_mode must be one or more of {OBS_MODES} (str, comma-separated, or list), got {obs_mode!r}"
         )
     return tuple(m for m in OBS_MODES if m in names)  # canonical order, duplicates dropped
@@ -228,7 +230,7 @@ class PushTConfig:
         for name in ("max_episode_steps", "image_size", "render_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UserError(f"{name} must be a positive int, got {value!r}")
 
 
 def _box(low: float | np.ndarray, high: float | np.ndarray, shape: tuple[int, ...], dtype: type) -> spaces.Box:

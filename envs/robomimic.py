@@ -4,7 +4,7 @@ Why robomimic's `EnvRobosuite` and not robosuite directly: robomimic's hdf5 data
 exact robosuite kwargs, including the old-style OSC_POSE controller config) and flattened MuJoCo states; going through
 the same class means a dataset's `env_args` rebuild the very simulator the demos came from, and its stored states
 reset it exactly (`reset(options={"state": ...})`). robosuite 1.5 cannot read those controller configs, hence 1.4.1
-(see `docs/environment.md` of the shared notes and `pyproject.toml`'s `robomimic` extra).
+(see docs/results/robomimic.md, "Install", and `pyproject.toml`'s `robomimic` extra).
 
 Observations (float32 copies):
 - the robomimic low-dim keys `object`, `robot0_eef_pos`, `robot0_eef_quat` (xyzw), `robot0_gripper_qpos`, under their
@@ -49,6 +49,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from fm_policy.datasets.rotations import rot6d_to_axis_angle  # noqa: E402
 from gymnasium import spaces  # noqa: E402
+
+from fm_policy.errors import UserError
 
 from .actions import checked_action  # noqa: E402
 
@@ -209,7 +211,7 @@ class RobomimicEnv(gym.Env):
         render_size: int = 256,
     ):
         if int(max_episode_steps) < 1:
-            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+            raise UserError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if isinstance(cameras, str):
             cameras = [c for c in cameras.split(",") if c]
         self.task = task
@@ -403,7 +405,7 @@ def _absolute_controller_config(config: Any) -> dict[str, Any]:
         config = load_controller_config(default_controller="OSC_POSE")
     if not isinstance(config, Mapping) or config.get("type") != "OSC_POSE":
         kind = config.get("type") if isinstance(config, Mapping) else type(config).__name__
-        raise ValueError(f"abs_actions needs an OSC_POSE controller config, got {kind!r}")
+        raise UserError(f"abs_actions needs an OSC_POSE controller config, got {kind!r}")
     return {**config, "control_delta": False}
 
 
@@ -424,7 +426,7 @@ def check_obs_keys(obs_keys: Sequence[str]) -> None:
     known = {"state", *STATE_KEYS}
     unknown = [k for k in obs_keys if k not in known and not k.endswith("_image")]
     if unknown:
-        raise ValueError(f"robomimic envs have no observation keys {unknown}; they observe {sorted(known)} and "
+        raise UserError(f"robomimic envs have no observation keys {unknown}; they observe {sorted(known)} and "
                          "<camera>_image")
 
 
