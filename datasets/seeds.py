@@ -1,8 +1,13 @@
-"""Seed derivations for demonstrations: one place, so collection, benchmarks and tests agree on every seed.
+"""Seed derivations: one place, so collection, evaluation, deployment, benchmarks and tests agree on every seed.
 
-Candidate episode i of a dataset with seed S starts from env seed S + i; its planner seed comes from (S, i), so demos
-differ in strategy and not only in their start; a failed attempt is retried with a planner seed derived from the
-first one, because the expert's failures are long, unlucky push sequences rather than unsolvable starts.
+Demonstrations: candidate episode i of a dataset with seed S starts from env seed S + i; its planner seed comes from
+(S, i), so demos differ in strategy and not only in their start; a failed attempt is retried with a planner seed
+derived from the first one, because the expert's failures are long, unlucky push sequences rather than unsolvable
+starts.
+
+Evaluation: the initial noise of a test episode comes from its own generator, seeded by `episode_noise_seed(torch
+seed, env seed)`, so an episode sees the same noise under every step-count setting, for any number of envs or
+workers, and in the deployment controller (which replays an episode through the policy server).
 """
 
 from __future__ import annotations
@@ -21,3 +26,8 @@ def planner_seed_for(seed: int, index: int, attempt: int = 0) -> int:
     """Planner seed of candidate `index` of a dataset with seed `seed`, at retry `attempt`."""
     first = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
     return retry_planner_seed(first, attempt)
+
+
+def episode_noise_seed(torch_seed: int, env_seed: int) -> int:
+    """Seed of the per-episode noise generator of test episode `env_seed` under run seed `torch_seed`."""
+    return (int(torch_seed) * 1_000_003 + int(env_seed)) % (2**63 - 1)

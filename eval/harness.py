@@ -3,7 +3,7 @@
     report = evaluate(policy, "pusht", {"obs_mode": "keypoints"}, n_episodes=50, num_steps=(1, 2, 4, 8, None))
     write_report(report, "runs/eval")          # fm_policy.eval.report: JSON, Markdown table, PNG
 
-What it guarantees (the diffusion_policy runner's pitfalls, anchors §2.8):
+What it guarantees (the diffusion_policy runners' pitfalls; docs/evaluation.md, "What the harness guarantees"):
 - Episode i uses env seed `seed_start + i` (default 100000, like diffusion_policy's test inits); each of the
   `n_episodes` seeds is run exactly once and all of them count (no "22 of 50" bug), however `n_envs` compares.
 - Envs run with gymnasium's autoreset DISABLED: when an env finishes, the harness reads its episode record and resets
@@ -47,8 +47,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
-from fm_policy.envs.registry import env_metrics
-from fm_policy.versions import package_versions
+from fm_policy.datasets.seeds import episode_noise_seed
+from fm_policy.envs.registry import env_metrics, env_spec
+
+from fm_policy.errors import UserError
+from fm_policy.versions import hardware_description, package_versions
 
 from .metrics import Estimate, mean_ci, rate_ci
 
@@ -439,42 +442,16 @@ def _check_policy(policy: Any) -> tuple[int, int]:
     for name in ("n_obs_steps", "n_action_steps"):
         value = getattr(policy, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"policy.{name} must be a positive int, got {value!r}")
+            raise UserError(f"policy.{name} must be a positive int, got {value!r}")
         values.append(int(value))
     return values[0], values[1]
 
 
-def _episode_seed(torch_seed: int, env_seed: int) -> int:
-    return (int(torch_seed) * 1_000_003 + int(env_seed)) % (2**63 - 1)
-
-
-def _versions() -> dict[str, str | None]:
-    return {"python": platform.python_version(), **package_versions(
-        ("fm-policy", "numpy", "torch", "gymnasium", "gym-pusht", "pymunk", "mujoco", "gymnasium-robotics",
-         "robosuite", "robomimic", "imageio-ffmpeg"), missing=None)}
-
-
-def _hardware(device: Any) -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        usable = os.cpu_count()
-    hw: dict[str, Any] = {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(), "device": str(device),
-    }
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(dev)
-    return hw
+def _versions(env: str) -> dict[str, str | None]:
+    """The core packages' versions and those the env's spec names as defining its simulator (`EnvSpec.packages`)."""
+    core = ("fm-policy", "numpy", "torch", "gymnasium", "imageio-ffmpeg")
+    packages = tuple(dict.fromkeys((*core, *env_spec(env).packages)))
+    return {"python": platform.python_version(), **package_versions(packages, missing=None)}
 
 
 def _to_torch_obs(obs: dict[str, np.ndarray], rows: np.ndarray, device: Any) -> dict[str, torch.Tensor]:
@@ -520,19 +497,19 @@ def evaluate(
     n_obs_steps, n_action_steps = _check_policy(policy)
     settings = list(num_steps)
     if not settings:
-        raise ValueError("num_steps must list at least one setting (None = the policy's default)")
+        raise UserError("num_steps must list at least one setting (None = the policy's default)")
     for ns in settings:
         if ns is not None and (isinstance(ns, bool) or not isinstance(ns, (int, np.integer)) or ns < 1):
-            raise ValueError(f"num_steps settings must be positive ints or None, got {ns!r}")
+            raise UserError(f"num_steps settings must be positive ints or None, got {ns!r}")
     if len({s for s in settings}) != len(settings):
-        raise ValueError(f"num_steps settings must be distinct, got {settings}")
+        raise UserError(f"num_steps settings must be distinct, got {settings}")
     if not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
-        raise ValueError(f"n_episodes must be a positive int, got {n_episodes!r}")
+        raise UserError(f"n_episodes must be a positive int, got {n_episodes!r}")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+        raise UserError(f"workers must be a positive int, got {workers!r}")
     if workers > 1:
         if n_envs is not None and n_envs != workers:
-            raise ValueError(
+            raise UserError(
                 f"with workers > 1 every env runs in its own process (AsyncVectorEnv), so n_envs must equal workers "
                 f"(got n_envs={n_envs}, workers={workers}); leave n_envs unset"
             )
@@ -540,11 +517,11 @@ def evaluate(
     elif n_envs is None:
         n_envs = min(n_episodes, 64)
     if not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
-        raise ValueError(f"n_envs must be a positive int, got {n_envs!r}")
+        raise UserError(f"n_envs must be a positive int, got {n_envs!r}")
     n_envs = int(min(n_envs, n_episodes))
     n_videos = int(min(max(n_videos, 0), n_episodes))
     if n_videos and video_dir is None:
-        raise ValueError("n_videos > 0 needs a video_dir")
+        raise UserError("n_videos > 0 needs a video_dir")
     if n_videos:
         try:
             import imageio_ffmpeg  # noqa: F401
@@ -591,7 +568,7 @@ def evaluate(
             policy.reset()
             torch.manual_seed(torch_seed)
             generators = (
-                {s: torch.Generator().manual_seed(_episode_seed(torch_seed, s)) for s in seeds}
+                {s: torch.Generator().manual_seed(episode_noise_seed(torch_seed, s)) for s in seeds}
                 if noise_shape is not None else None
             )
             call_s: list[float] = []
@@ -641,8 +618,8 @@ def evaluate(
         "n_obs_steps": n_obs_steps, "n_action_steps": n_action_steps, "max_episode_steps": step_limit,
         "torch_seed": int(torch_seed),
         "noise": "per-episode generator" if noise_shape is not None else "global torch RNG",
-        "policy": type(policy).__name__, "warmup_ms": warmup_ms, "versions": _versions(),
-        "hardware": _hardware(torch_device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "policy": type(policy).__name__, "warmup_ms": warmup_ms, "versions": _versions(env),
+        "hardware": hardware_description(torch_device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "score_ci": "bootstrap percentile, 10000 resamples, seed 0", "success_ci": "Wilson score interval",
     }
     return EvalReport(settings=results, env_info=env_info)
@@ -666,7 +643,7 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
 def _check_actions(actions: Any, batch: int, action_shape: tuple[int, ...], seeds: list[int]) -> np.ndarray:
     arr = actions.detach().to("cpu").numpy() if hasattr(actions, "detach") else np.asarray(actions)
     if arr.shape != (batch, *action_shape):
-        raise ValueError(
+        raise UserError(
             f"predict_action_chunk must return shape (B, n_action_steps, action_dim) = {(batch, *action_shape)}, "
             f"got {tuple(arr.shape)}"
         )

@@ -1,6 +1,6 @@
 """Evaluation metrics with confidence intervals: Push-T coverage score, success rates, Kitchen-style p_n.
 
-Two Push-T numbers are reported side by side because papers mix them up (anchors §7):
+Two Push-T numbers are reported side by side because papers mix them up (docs/evaluation.md, "Score and success"):
 - **coverage score** = mean over episodes of the episode's max reward, where reward = clip(coverage / 0.95, 0, 1)
   (diffusion_policy's `test/mean_score`). Its 95% interval is a **bootstrap percentile** interval over episodes
   (10,000 resamples, fixed seed 0, so the same rollouts always give the same interval); a Student-t interval is

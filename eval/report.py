@@ -2,8 +2,13 @@
 
     paths = write_report(report, "runs/eval")   # {"json": ..., "markdown": ..., "plot": ...}
 
-Push-T is reported both ways (anchors §7): **score** = mean max coverage-reward (diffusion_policy's `mean_score`,
-bootstrap 95% CI) and **success** = fraction of episodes reaching coverage > 0.95 (Wilson 95% CI).
+Push-T is reported both ways (docs/evaluation.md, "Score and success"): **score** = mean max coverage-reward
+(diffusion_policy's `mean_score`, bootstrap 95% CI) and **success** = fraction of episodes reaching coverage > 0.95
+(Wilson 95% CI).
+
+The Markdown and the plot are rendered from `summary(report)`: a small JSON-able dict holding exactly the numbers
+they show. A results page in docs/results/ commits that dict next to itself (`<page>.json`), and
+`python -m fm_policy.eval.benchmarks.compose_results` renders the page from it with `markdown_from_summary`.
 """
 
 from __future__ import annotations
@@ -14,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from .harness import EvalReport, SettingResult
+from .metrics import Estimate
 
-__all__ = ["markdown_table", "plot_report", "write_report"]
+__all__ = ["markdown_from_summary", "markdown_table", "plot_report", "plot_summary", "summary", "write_report"]
 
 
-def _ms(value: float) -> str:
+def _ms(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
-def _steps_name(s: SettingResult) -> str:
-    return "default" if s.num_steps is None else str(s.num_steps)
+def _steps_name(num_steps: int | None) -> str:
+    return "default" if num_steps is None else str(num_steps)
 
 
 def _sorted(settings: list[SettingResult]) -> list[SettingResult]:
@@ -33,32 +39,83 @@ def _sorted(settings: list[SettingResult]) -> list[SettingResult]:
     return sorted(settings, key=lambda s: (s.num_steps is not None, s.num_steps or 0))
 
 
-def markdown_table(report: EvalReport) -> str:
-    """One row per num_steps setting: score [CI], success [CI], ms per chunk p50 / p99 (per env), episodes."""
+def _finite(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _estimate(est: Estimate) -> dict[str, float | None]:
+    return {"value": _finite(est.value), "lo": _finite(est.lo), "hi": _finite(est.hi)}
+
+
+def _fmt(est: dict[str, Any], digits: int = 3) -> str:
+    """`0.812 [0.745, 0.870]` (as `Estimate.fmt`), "n/a" for an undefined value."""
+    if est.get("value") is None:
+        return "n/a"
+    return f"{est['value']:.{digits}f} [{est['lo']:.{digits}f}, {est['hi']:.{digits}f}]"
+
+
+def summary(report: EvalReport) -> dict[str, Any]:
+    """Exactly the numbers `markdown_from_summary` and `plot_summary` show, as a JSON-able dict (NaN -> None)."""
+    info = report.env_info
+    seeds = info.get("seeds") or []
+    settings = []
+    for s in _sorted(report.settings):
+        t = s.timing
+        settings.append({
+            "num_steps": s.num_steps, "n_episodes": s.n_episodes, "score": _estimate(s.score),
+            "success": {**_estimate(s.success), "k": sum(e.success for e in s.episodes), "n": s.n_episodes},
+            "ms_per_call_p50": _finite(t.p50_ms), "ms_per_call_p99": _finite(t.p99_ms),
+            "ms_per_env_p50": _finite(t.per_env_p50_ms), "mean_final_coverage": s.mean_final_coverage,
+            "mean_steps": s.mean_steps, "env_steps_per_s": s.env_steps_per_s, "wall_s": s.wall_s,
+            "policy_s": s.policy_s, "env_s": s.env_s,
+            "metrics": {name: _estimate(est) for name, est in (getattr(s, "metrics", None) or {}).items()},
+        })
+    hw = info.get("hardware", {})
+    return {
+        "env": info.get("env"), "policy": info.get("policy", "policy"), "env_kwargs": info.get("env_kwargs"),
+        "max_episode_steps": info.get("max_episode_steps"), "n_episodes": info.get("n_episodes"),
+        "seeds": [seeds[0], seeds[-1]] if seeds else None, "n_obs_steps": info.get("n_obs_steps"),
+        "n_action_steps": info.get("n_action_steps"), "n_envs": info.get("n_envs"),
+        "vector_env": info.get("vector_env"), "workers": info.get("workers"), "torch_seed": info.get("torch_seed"),
+        "noise": info.get("noise"), "score_ci": info.get("score_ci", "bootstrap"),
+        "success_ci": info.get("success_ci", "Wilson"),
+        "hardware": {k: hw.get(k) for k in ("cpu", "usable_cores", "torch_threads", "device", "gpu") if k in hw},
+        "versions": {k: v for k, v in info.get("versions", {}).items() if v},
+        "created": info.get("created"), "settings": settings,
+    }
+
+
+def _table(settings: list[dict[str, Any]]) -> str:
     lines = [
         "| num_steps | score [95% CI] | success [95% CI] | ms/chunk p50 / p99 | ms/chunk per env p50 | episodes |",
         "|---|---|---|---|---|---|",
     ]
-    for s in _sorted(report.settings):
-        t = s.timing
+    for s in settings:
+        success = s["success"]
         lines.append(
-            f"| {_steps_name(s)} | {s.score.fmt()} | {s.success.fmt()} ({sum(e.success for e in s.episodes)}/"
-            f"{s.n_episodes}) | {_ms(t.p50_ms)} / {_ms(t.p99_ms)} | {_ms(t.per_env_p50_ms)} | {s.n_episodes} |"
+            f"| {_steps_name(s['num_steps'])} | {_fmt(s['score'])} | {_fmt(success)} ({success['k']}/"
+            f"{s['n_episodes']}) | {_ms(s['ms_per_call_p50'])} / {_ms(s['ms_per_call_p99'])} | "
+            f"{_ms(s['ms_per_env_p50'])} | {s['n_episodes']} |"
         )
     return "\n".join(lines)
 
 
-def _markdown(report: EvalReport) -> str:
-    info = report.env_info
-    seeds = info.get("seeds") or []
+def markdown_table(report: EvalReport) -> str:
+    """One row per num_steps setting: score [CI], success [CI], ms per chunk p50 / p99 (per env), episodes."""
+    return _table(summary(report)["settings"])
+
+
+def markdown_from_summary(info: dict[str, Any]) -> str:
+    """The report page, from `summary(report)` (or a committed copy of it). A copy that carries `provenance`,
+    `commands` and `regenerate` (docs/results pages) also gets a section saying where its numbers come from."""
+    seeds = info.get("seeds")
     seed_range = f"{seeds[0]}..{seeds[-1]}" if seeds else "n/a"
     hw = info.get("hardware", {})
-    versions = info.get("versions", {})
-    vers = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    vers = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if v)
     lines = [
         f"# Evaluation: {info.get('env')} ({info.get('policy', 'policy')})",
         "",
-        markdown_table(report),
+        _table(info["settings"]),
         "",
         "score = mean over episodes of the max reward (Push-T: clip(coverage / 0.95, 0, 1); "
         f"{info.get('score_ci', 'bootstrap')}); success = any step with is_success "
@@ -82,59 +139,73 @@ def _markdown(report: EvalReport) -> str:
         "| num_steps | mean final coverage | mean episode steps | env steps/s | wall s | policy s | env s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in _sorted(report.settings):
-        cov = "n/a" if s.mean_final_coverage is None else f"{s.mean_final_coverage:.3f}"
+    for s in info["settings"]:
+        cov = "n/a" if s["mean_final_coverage"] is None else f"{s['mean_final_coverage']:.3f}"
         lines.append(
-            f"| {_steps_name(s)} | {cov} | {s.mean_steps:.1f} | {s.env_steps_per_s:.0f} | {s.wall_s:.1f} | "
-            f"{s.policy_s:.1f} | {s.env_s:.1f} |"
+            f"| {_steps_name(s['num_steps'])} | {cov} | {s['mean_steps']:.1f} | {s['env_steps_per_s']:.0f} | "
+            f"{s['wall_s']:.1f} | {s['policy_s']:.1f} | {s['env_s']:.1f} |"
         )
-    lines += _metrics_table(report)
+    lines += _metrics_table(info["settings"])
+    if info.get("provenance"):
+        lines += ["", "## Source", "", f"Every number on this page: `{info.get('json_name', 'its JSON')}`, "
+                  f"{info['provenance']}."]
+        if info.get("commands"):
+            lines += ["", "Measured with:", "", "```bash", *info["commands"], "```"]
+        if info.get("regenerate"):
+            lines += ["", f"Rendered from the JSON by `{info['regenerate']}`."]
     return "\n".join(lines) + "\n"
 
 
-def _metrics_table(report: EvalReport) -> list[str]:
+def _markdown(report: EvalReport) -> str:
+    return markdown_from_summary(summary(report))
+
+
+def _metrics_table(settings: list[dict[str, Any]]) -> list[str]:
     """Env-specific metrics (Kitchen: p1..pK, mean tasks) as one row per setting; nothing for envs without any."""
-    settings = [s for s in _sorted(report.settings) if getattr(s, "metrics", None)]
+    settings = [s for s in settings if s.get("metrics")]
     if not settings:
         return []
-    names = list(settings[0].metrics)
+    names = list(settings[0]["metrics"])
     lines = ["", "| num_steps | " + " | ".join(f"{n} [95% CI]" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for s in settings:
-        lines.append(f"| {_steps_name(s)} | " + " | ".join(s.metrics[n].fmt() for n in names) + " |")
+        lines.append(f"| {_steps_name(s['num_steps'])} | " + " | ".join(_fmt(s["metrics"][n]) for n in names) + " |")
     return lines
 
 
 def plot_report(report: EvalReport, path: str | os.PathLike) -> Path:
-    """Success rate and score (both with 95% CI error bars) vs number of integration steps, as a PNG.
+    """Success rate and score (both with 95% CI error bars) vs number of integration steps, as a PNG."""
+    return plot_summary(summary(report), path)
 
-    The x axis is log2 when every setting is numeric; a `None` (policy default) setting makes it categorical.
-    """
+
+def plot_summary(info: dict[str, Any], path: str | os.PathLike) -> Path:
+    """`plot_report` from a summary dict. The x axis is log2 when every setting is numeric; a `None` (policy
+    default) setting makes it categorical."""
     # the Agg canvas directly, not pyplot: no global backend switch, no GUI, safe in threads and workers
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    settings = _sorted(report.settings)
-    numeric = all(s.num_steps is not None for s in settings)
-    xs = [float(s.num_steps) for s in settings] if numeric else list(range(len(settings)))  # type: ignore[arg-type]
+    settings = info["settings"]
+    numeric = all(s["num_steps"] is not None for s in settings)
+    xs = [float(s["num_steps"]) for s in settings] if numeric else list(range(len(settings)))
     fig = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for name, key, marker in (("success rate", "success", "o"), ("coverage score", "score", "s")):
-        est = [getattr(s, key) for s in settings]
-        vals = [e.value for e in est]
-        err = [[max(0.0, e.value - e.lo) for e in est], [max(0.0, e.hi - e.value) for e in est]]
+        est = [s[key] for s in settings]
+        vals = [math.nan if e["value"] is None else e["value"] for e in est]
+        err = [[0.0 if e["value"] is None else max(0.0, e["value"] - e["lo"]) for e in est],
+               [0.0 if e["value"] is None else max(0.0, e["hi"] - e["value"]) for e in est]]
         ax.errorbar(xs, vals, yerr=err, marker=marker, capsize=4, label=f"{name} (95% CI)")
     if numeric and len(xs) > 1 and max(xs) / min(xs) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(xs)
-    ax.set_xticklabels([_steps_name(s) for s in settings])
+    ax.set_xticklabels([_steps_name(s["num_steps"]) for s in settings])
     ax.minorticks_off()
     ax.set_xlabel("number of integration steps")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction")
-    n = report.env_info.get("n_episodes")
-    ax.set_title(f"{report.env_info.get('env')}: {n} episodes per setting")
+    ax.set_title(f"{info.get('env')}: {info.get('n_episodes')} episodes per setting")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -14,6 +14,8 @@ from fm_policy.envs import env_kwargs_for_obs_keys
 from fm_policy.eval.harness import EvalReport, evaluate
 from fm_policy.eval.report import write_report
 
+from fm_policy.errors import UserError
+
 
 def evaluate_policy(
     policy: Any,
@@ -41,14 +43,13 @@ def eval_checkpoint(
 ) -> tuple[EvalReport, dict[str, Path]]:
     """Load a saved policy, evaluate it, write JSON/Markdown/PNG (and videos) to `out_dir` (default:
     `<checkpoint>/eval`). `solver` overrides the flow ODE method or the DDPM baseline's sampler."""
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     policy = load_policy(checkpoint, device=device)
     if solver is not None:
-        if policy.config.type == "ddpm":
-            policy.config.diffusion_sampler = solver
-        else:
-            policy.config.solver = solver
+        if solver not in type(policy).solvers:
+            raise UserError(f"--solver {solver}: a '{type(policy).name}' policy takes one of {list(type(policy).solvers)}")
+        policy.config.solver = solver
     out = Path(out_dir) if out_dir is not None else Path(checkpoint) / "eval"
     report = evaluate_policy(policy, device=device, video_dir=out / "videos" if n_videos else None,
                              n_videos=n_videos, **kwargs)

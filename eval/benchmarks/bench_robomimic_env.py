@@ -1,4 +1,4 @@
-"""Env steps/s of the robomimic tasks (`python -m fm_policy.eval.bench_robomimic_env [--cameras agentview] [--steps N]`).
+"""Env steps/s of the robomimic tasks (`python -m fm_policy.eval.benchmarks.bench_robomimic_env [--cameras agentview] [--steps N]`).
 
 Why a script: the step rate decides how evaluation and expert collection are budgeted (robosuite is the slowest
 simulator in the package), so the number is recorded with the exact command that produced it. Construction and the

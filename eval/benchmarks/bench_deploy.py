@@ -1,13 +1,13 @@
 """Benchmark: latency per action chunk in process vs over the policy server, server overhead, and a load test.
 
-    python -m fm_policy.eval.bench_deploy \
+    python -m fm_policy.eval.benchmarks.bench_deploy \
         --flow runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema \
         --ddpm runs/pusht_keypoints_ddpm_cpu/checkpoints/step_8000/ema \
         [--threads 1] [--repeats 50] [--clients 8] [--requests 25] \
         [--out docs/results/deploy.json] [--md docs/results/deploy.md]
 
 What is measured, for one observation (batch 1, what a robot controller sends), Push-T keypoint shapes:
-- in process: `predict_action_chunk` timed by `fm_policy.eval.bench_policy.chunk_latency` (the same function as the
+- in process: `predict_action_chunk` timed by `fm_policy.eval.benchmarks.bench_policy.chunk_latency` (the same function as the
   policy-speed benchmark), at Euler 1/2/4/8/16 for the flow policy and DDIM-10 / DDPM-100 for the baseline;
 - over the socket: `PolicyClient.infer` round trips to `fm-policy serve` running in a separate process on
   loopback (so client and server do not share a GIL), same settings; the server reports its own inference time,
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from fm_policy.eval.bench_common import write_results
-from fm_policy.eval.bench_policy import OBS_DIM, _device_name, chunk_latency
+from fm_policy.eval.benchmarks.bench_common import write_results
+from fm_policy.eval.benchmarks.bench_policy import OBS_DIM, _device_name, chunk_latency
 
 FLOW_SETTINGS = [("euler", n) for n in (1, 2, 4, 8, 16)]
 DDPM_SETTINGS = [("ddim", 10), ("ddpm", 100)]
@@ -62,11 +62,10 @@ def _policy_dir(path: str | None, policy_type: str, tmp: Path) -> tuple[str, str
     """The checkpoint to benchmark, or an untrained stand-in of the same architecture (and a note saying so)."""
     if path and Path(path, "config.json").exists():
         return path, f"trained checkpoint {path}"
-    from fm_policy.config import load_config
-    from fm_policy.policy import make_policy
-    from fm_policy.train import TrainConfig
+    from fm_policy.factory import make_policy
+    from fm_policy.train import load_train_config
 
-    config = load_config(TrainConfig, f"pusht_keypoints_{policy_type}_cpu").policy
+    config = load_train_config(f"pusht_keypoints_{policy_type}_cpu").policy
     rng = np.random.default_rng(0)
     arrays = {"keypoints": rng.uniform(0, 512, (1000, OBS_DIM)).astype(np.float32),
               "action": rng.uniform(0, 512, (1000, 2)).astype(np.float32)}
@@ -175,10 +174,10 @@ def end_to_end(client: Any, policy: Any, episodes: int, seed_start: int) -> dict
 def export_parity(checkpoint: str, tmp: Path) -> list[dict[str, Any]]:
     """`fm-policy export` of the checkpoint in both formats: max abs error of each graph against PyTorch."""
     from fm_policy.deploy.export import ExportConfig, export_policy
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     policy = load_policy(checkpoint)
-    fused = (1, 2) if policy.config.type != "ddpm" else ()
+    fused = (1, 2) if type(policy).supports_fused_export else ()
     rows = []
     for fmt in ("onnx", "torchscript"):
         manifest = export_policy(policy, tmp / f"export_{fmt}", ExportConfig(format=fmt, fused_steps=fused))
@@ -194,7 +193,7 @@ def _progress(message: str) -> None:
 def bench_policy(name: str, checkpoint: str, settings: list[tuple[str, int]], args: argparse.Namespace,
                  load: bool) -> dict[str, Any]:
     from fm_policy.deploy.client import PolicyClient
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     policy = load_policy(checkpoint, device=args.device)
     if policy.obs_shapes != {"keypoints": (OBS_DIM,)}:
@@ -323,7 +322,7 @@ def main() -> None:
             _progress(f"{name}: export parity")
             policies[name]["export"] = export_parity(checkpoint, Path(tmp) / name)
     result = {
-        "command": f"python -m fm_policy.eval.bench_deploy --flow {args.flow} --ddpm {args.ddpm} --device {args.device} --threads "
+        "command": f"python -m fm_policy.eval.benchmarks.bench_deploy --flow {args.flow} --ddpm {args.ddpm} --device {args.device} --threads "
                    f"{args.threads} --repeats {args.repeats} --clients {args.clients} --requests {args.requests} "
                    f"--e2e-episodes {args.e2e_episodes}",
         "device": _device_name(args.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -1,10 +1,10 @@
 """Benchmark: gradual fine-tuning (GFT) vs plain fine-tuning (FT) vs training from scratch on a Push-T variant.
 
-    python -m fm_policy.eval.bench_gft --pretrained runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema \\
+    python -m fm_policy.eval.benchmarks.bench_gft --pretrained runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema \\
         [--goal 190,310,-1.0] [--demos 10,25,50,100] [--seeds 3] [--steps 3000] [--eval-every 500] [--episodes 50] \\
         [--label 'full run'] [--json docs/results/gft.json] [--md docs/results/gft.md] [--plots docs/results]
 
-The distribution shift (docs/gradual_finetuning.md 7.2): the pre-trained Push-T policy pushes the T to gym-pusht's
+The distribution shift (docs/gft.md, "What the CPU benchmark showed"): the pre-trained Push-T policy pushes the T to gym-pusht's
 goal (256, 256, pi/4); the variant moves the goal (default (190, 310, -1.0), which the scripted expert solves 100/100).
 The keypoint observation does not show the goal, so the pre-trained policy cannot succeed on the variant without
 adaptation. Steps:
@@ -44,7 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from fm_policy.eval.bench_common import cpu_name, write_results
+from fm_policy.eval.benchmarks.bench_common import write_results
+
+from fm_policy.versions import hardware_summary
 
 METHODS: tuple[str, ...] = ("scratch", "ft", "gft")
 DEFAULT_GOAL: tuple[float, float, float] = (190.0, 310.0, -1.0)
@@ -152,7 +154,7 @@ def train_run(cfg: BenchConfig, method: str, n_demos: int, seed: int, run_dir: P
                       progress=False, torch_threads=1)
     data = _data_config(cfg, n_demos)
     if method == "scratch":
-        from fm_policy.policy import load_policy
+        from fm_policy.factory import load_policy
         from fm_policy.train import TrainConfig, train
 
         policy_cfg = copy.deepcopy(load_policy(cfg.pretrained).config)  # same architecture and flow settings
@@ -184,7 +186,7 @@ def _evaluate(policy: Any, cfg: BenchConfig, goal: Sequence[float] | None, num_s
 @torch.no_grad()
 def ode_path_length(policy: Any, obs: dict[str, torch.Tensor], num_steps: int = 100, seed: int = 0) -> dict:
     """Average length of the Euler path noise -> action chunk and its straightness (length / |x1 - x0|, 1 = a
-    straight line): the notes' proxy for how easy few-step inference is. Measured in env action units (Push-T:
+    straight line): a proxy for how easy few-step inference is. Measured in env action units (Push-T:
     pixels, the chunk flattened), because a policy trained from scratch has its own normaliser, so normalised
     lengths would not be comparable across methods."""
     from fm_policy.flow_matching import sample_noise
@@ -231,7 +233,7 @@ def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: b
 
 def run_and_assess(cfg: BenchConfig, method: str, n_demos: int, seed: int, obs: dict[str, torch.Tensor]) -> dict:
     """Train, then evaluate every checkpoint; cached in the run directory."""
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     run_dir = Path(cfg.run_root) / f"demos{n_demos}" / method / f"seed{seed}"
     cache = run_dir / "bench_result.json"
@@ -334,16 +336,16 @@ def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
     checks = [(f"success@{cfg.deploy_steps}", True), (f"score@{cfg.deploy_steps}", True), ("auc", True),
               ("success@1", True), ("retention", True), ("retention_score", True), ("path_length", False)]
     for n, by_method in agg.items():
-        if "gft" not in by_method:
-            continue
-        for other in ("ft", "scratch"):
-            if other not in by_method:
+        # GFT against both baselines, then plain fine-tuning against scratch (does starting from the pre-trained
+        # policy help at all, with or without the teacher term?)
+        for method, other in (("gft", "ft"), ("gft", "scratch"), ("ft", "scratch")):
+            if method not in by_method or other not in by_method:
                 continue
             parts = []
             for key, higher in checks:
-                if key in by_method["gft"] and key in by_method[other]:
-                    parts.append(f"{key} {compare(by_method['gft'][key], by_method[other][key], higher)}")
-            lines.append(f"- {n} demos, GFT vs {other.upper()}: " + ", ".join(parts))
+                if key in by_method[method] and key in by_method[other]:
+                    parts.append(f"{key} {compare(by_method[method][key], by_method[other][key], higher)}")
+            lines.append(f"- {n} demos, {method.upper()} vs {other.upper()}: " + ", ".join(parts))
     return lines
 
 
@@ -399,7 +401,7 @@ def markdown(result: dict) -> str:
                 + f" | {_fmt(s[f'score@{cfg.deploy_steps}'])} | {_fmt(s['auc'])} | {_fmt(s['worst_checkpoint'])} "
                 f"| {_fmt(s['retention'])} | {_fmt(s['retention_score'])} | {_fmt(s['path_length'])} | {_fmt(s['straightness'], 3)} "
                 f"| {s['train_cpu_s']['mean']:.0f} |")
-    lines += ["", "## GFT against the baselines", "",
+    lines += ["", "## GFT against the baselines, and FT against scratch", "",
               ("Per cell: a difference of means beyond 2 standard errors over seeds is a win/loss, else a tie "
               "(path length: shorter wins)."), "", *verdicts(cfg, agg), ""]
     for name, title in (("plot_demos", "Success vs number of demos"), ("plot_steps", "Success vs training steps")):
@@ -416,7 +418,7 @@ def markdown(result: dict) -> str:
          + (f"; {t['runs_from_cache']} of the runs were cached by an earlier invocation of the same command, so this "
             f"process itself used {t['cpu_s']:.0f} CPU s, {t['wall_s']:.0f} s wall" if t["runs_from_cache"] else
             f"; this process: {t['cpu_s']:.0f} CPU s, {t['wall_s']:.0f} s wall")
-         + f" (load average {t['load_start']:.2f} at start, {t['load_end']:.2f} at end on {os.cpu_count()} cores; "
+         + f" (load average {t['load_start']:.2f} at start, {t['load_end']:.2f} at end on {t['cores']} cores; "
          f"wall time is an upper bound on a shared machine). Date: {result['date']}."),
         "",
     ]
@@ -486,7 +488,7 @@ def _pretrained_data(checkpoint: str) -> str | None:
 
 
 def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: Sequence[str] = ()) -> dict:
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     cfg.validate()
     torch.set_num_threads(1)
@@ -520,11 +522,11 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
     return {
         "label": label, "command": command, "config": asdict(cfg), "data": data,
         "pretrained_data": _pretrained_data(cfg.pretrained), "pretrained": pre, "runs": runs, "aggregate": agg,
-        "hardware": f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
+        "hardware": f"{hardware_summary()}, 1 torch thread, torch {torch.__version__}",
         "timing": {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "load_start": load0,
                    "load_end": os.getloadavg()[0], "runs_cpu_s": round(sum(r["total_cpu_s"] for r in runs), 1),
                    "runs_wall_s": round(sum(r["total_wall_s"] for r in runs), 1), "pretrained_eval_cpu_s": pre_cpu,
-                   "runs_from_cache": sum(bool(r.get("from_cache")) for r in runs)},
+                   "runs_from_cache": sum(bool(r.get("from_cache")) for r in runs), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": list(notes),
     }
 
@@ -535,7 +537,7 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m fm_policy.eval.bench_gft", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fm_policy.eval.benchmarks.bench_gft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=d.pretrained, help="the pre-trained flow policy (its EMA folder)")
     p.add_argument("--goal", default=",".join(f"{v:g}" for v in d.goal), help="variant goal X,Y,ANGLE")
@@ -578,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         collect_workers=args.collect_workers, run_root=args.run_root, path_obs=args.path_obs,
         path_steps=args.path_steps,
     )
-    command = "python -m fm_policy.eval.bench_gft " + " ".join(shlex.quote(a) for a in (
+    command = "python -m fm_policy.eval.benchmarks.bench_gft " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))
     result = run_benchmark(cfg, label=args.label, command=command, notes=args.note)
     result["plot_demos"], result["plot_steps"] = plot(cfg, result["aggregate"], args.plots)

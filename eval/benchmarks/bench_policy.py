@@ -1,6 +1,6 @@
 """Benchmark: policy training throughput and inference latency per action chunk, flow vs the DDPM baseline.
 
-    python -m fm_policy.eval.bench_policy [--config pusht_keypoints_flow_cpu] [--device cpu] [--threads 2]
+    python -m fm_policy.eval.benchmarks.bench_policy [--config pusht_keypoints_flow_cpu] [--device cpu] [--threads 2]
         [--out docs/results/policy_speed.json] [--md docs/results/policy_speed.md]
 
 Uses the network of `--config` (default: the CPU Push-T config) on random data of Push-T keypoint shapes, so it
@@ -12,18 +12,17 @@ at 1/2/4/8/16 Euler steps for the flow policy, DDIM-1/10/16 and DDPM-100 for the
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from fm_policy.eval.benchmarks.bench_common import write_results
 
-from fm_policy.eval.bench_common import cpu_name, write_results
-from fm_policy.config import load_config
-from fm_policy.policy import BasePolicy, make_policy
-from fm_policy.train import TrainConfig
+from fm_policy.factory import make_policy, policy_config_as
+from fm_policy.policy import BasePolicy
+from fm_policy.train import TrainConfig, load_train_config
+from fm_policy.versions import hardware_description
 
 OBS_DIM, ACTION_DIM = 20, 2
 
@@ -31,14 +30,12 @@ OBS_DIM, ACTION_DIM = 20, 2
 
 
 def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
+    hw = hardware_description(device)
+    return hw.get("gpu") or f"{hw['cpu']} ({hw['torch_threads']} torch threads, {hw['cpu_count']} cores)"
 
 
 def _policy(config: TrainConfig, policy_type: str, device: str) -> BasePolicy:
-    cfg = copy.deepcopy(config.policy)
-    cfg.type = policy_type
+    cfg = policy_config_as(config.policy, policy_type)
     rng = np.random.default_rng(0)
     arrays = {"keypoints": rng.uniform(0, 512, (1000, OBS_DIM)).astype(np.float32),
               "action": rng.uniform(0, 512, (1000, ACTION_DIM)).astype(np.float32)}
@@ -147,10 +144,10 @@ def main() -> None:
     parser.add_argument("--md", default="docs/results/policy_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(TrainConfig, args.config)
+    config = load_train_config(args.config)
     result = run(config, args.device, args.seconds, args.repeats)
     result.update(
-        command=f"python -m fm_policy.eval.bench_policy --config {args.config} --device {args.device} "
+        command=f"python -m fm_policy.eval.benchmarks.bench_policy --config {args.config} --device {args.device} "
         f"--threads {args.threads}",
         device=_device_name(args.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), note=args.note,
     )

@@ -1,4 +1,4 @@
-"""2-D toy for MLE fine-tuning (in the spirit of Figure 1 of the design notes' paper).
+"""2-D toy for MLE fine-tuning (a multimodal target where few-step sampling visibly fails; docs/finetuning.md).
 
 A flow policy with an MLP velocity field learns an 8-mode Gaussian mixture on a circle. At 1-2 Euler steps the
 pre-trained flow collapses modes toward the mean (the one-step Euler map from t=0 follows the *average* velocity,
@@ -14,7 +14,7 @@ drawn from {1, 2, 4} per batch) and compare, at 1/2/4 Euler steps:
 
 Writes docs/results/toy_2d.{json,md,png}. Takes ~1-2 minutes on one CPU core.
 
-    python -m fm_policy.eval.toy_2d [--pretrain-steps 3000] [--finetune-steps 600] [--out docs/results]
+    python -m fm_policy.eval.benchmarks.toy_2d [--pretrain-steps 3000] [--finetune-steps 600] [--out docs/results]
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
+from fm_policy.eval.benchmarks.bench_common import write_results
 
-from fm_policy.eval.bench_common import cpu_name, write_results
 from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_policy
-from fm_policy.finetune.residual import ResidualConfig
 from fm_policy.flow_matching import sample_noise
-from fm_policy.flow_policy import FlowPolicy
+from fm_policy.flow_policy import FlowPolicy, FlowPolicyConfig
+from fm_policy.networks.residual import ResidualConfig
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import NetworkConfig, PolicyConfig
 from fm_policy.solvers import solve
+from fm_policy.versions import cpu_name
 
 MODES = 8
 RADIUS = 1.0
@@ -67,8 +67,8 @@ def mode_coverage(samples: torch.Tensor) -> float:
 
 
 def pretrain(steps: int, generator: torch.Generator) -> FlowPolicy:
-    config = PolicyConfig(type="flow", n_obs_steps=1, horizon=1, n_action_steps=1,
-                          network=NetworkConfig(kind="mlp", hidden_dims=[128, 128, 128], time_embed_dim=32),
+    config = FlowPolicyConfig(n_obs_steps=1, horizon=1, n_action_steps=1,
+                          network={"kind": "mlp", "hidden_dims": [128, 128, 128], "time_embed_dim": 32},
                           obs_shapes={"state": [1]}, action_dim=2)
     fit = sample_data(20_000, generator)
     normalizer = Normalizer.fit({"state": fit["state"][:, 0].numpy(), "action": fit["action"][:, 0].numpy()})
@@ -85,7 +85,7 @@ def pretrain(steps: int, generator: torch.Generator) -> FlowPolicy:
 
 
 def finetune(base: FlowPolicy, method: str, steps: int, lr: float, generator: torch.Generator) -> MLEFinetunePolicy:
-    config = MLEConfig(encode_solver="rk4", encode_steps=64, decode_steps_choices=list(STEPS), sigma=0.05)
+    config = MLEConfig(encode_solver="rk4", encode_steps=64, decode_steps_choices=list(STEPS), deploy_steps=min(STEPS), sigma=0.05)
     wrapper = mle_finetune_policy(copy.deepcopy(base), config, method,
                                   ResidualConfig(kind="monotone", width=64, cond_hidden=64))
     # A fixed training set whose noise codes are inverted once (rk4 x64) and cached in the batches.
@@ -160,6 +160,31 @@ def plot(models: dict[str, FlowPolicy], noise: torch.Tensor, data: torch.Tensor,
     plt.close(fig)
 
 
+def to_markdown(result: dict) -> str:
+    """The results page, from the result dict (the committed toy_2d.json)."""
+    t = result["timings_s"]
+    lines = [
+        "# 2-D toy: pre-trained flow vs MLE fine-tuning vs contracting residual",
+        "",
+        f"Command: `{result['command']}` ({t['pretrain_s']:.0f} s pre-training, {t['mle_s']:.0f} s MLE-FT, "
+        f"{t['residual_s']:.0f} s ResFT; {result['hardware']}).",
+        "",
+        "8-mode Gaussian mixture on a circle. recon RMSE: held-out data inverted with the frozen pre-trained field "
+        "(rk4 x64) and decoded with the model at the given Euler steps (normalised units). energy distance: 4,000 "
+        "samples from fresh noise vs 4,000 held-out points (normalised units, 0 = same distribution). coverage: "
+        "fraction of samples within 3 sigma of a mode.",
+        "",
+        "| model | steps | recon RMSE | energy distance | mode coverage |",
+        "|---|---|---|---|---|",
+    ]
+    for name, per_step in result["metrics"].items():
+        for steps, m in per_step.items():
+            lines.append(f"| {name} | {steps} | {m['recon_rmse']:.4f} | {m['energy_distance']:.4f} | "
+                         f"{m['mode_coverage']:.3f} |")
+    lines += ["", "![toy trajectories](toy_2d.png)", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=3000)
@@ -189,31 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {name: evaluate(model, reference, held_out, noise) for name, model in models.items()}
     plot(models, noise[:600], held_out["action"][:2000, 0], out / "toy_2d.png")
 
-    command = "python -m fm_policy.eval.toy_2d " + " ".join(argv if argv is not None else [])
+    command = "python -m fm_policy.eval.benchmarks.toy_2d " + " ".join(argv if argv is not None else [])
     hardware = f"{cpu_name()}, 1 torch thread"
     result = {"command": command.strip(), "hardware": hardware, "timings_s": timings,
               "config": vars(args), "metrics": metrics}
-    lines = [
-        "# 2-D toy: pre-trained flow vs MLE fine-tuning vs contracting residual",
-        "",
-        f"Command: `{result['command']}` ({timings['pretrain_s']:.0f} s pre-training, "
-        f"{timings['mle_s']:.0f} s MLE-FT, {timings['residual_s']:.0f} s ResFT; {hardware}).",
-        "",
-        "8-mode Gaussian mixture on a circle. recon RMSE: held-out data inverted with the frozen pre-trained field "
-        "(rk4 x64) and decoded with the model at the given Euler steps (normalised units). energy distance: 4,000 "
-        "samples from fresh noise vs 4,000 held-out points (normalised units, 0 = same distribution). coverage: "
-        "fraction of samples within 3 sigma of a mode.",
-        "",
-        "| model | steps | recon RMSE | energy distance | mode coverage |",
-        "|---|---|---|---|---|",
-    ]
-    for name, per_step in metrics.items():
-        for steps, m in per_step.items():
-            lines.append(f"| {name} | {steps} | {m['recon_rmse']:.4f} | {m['energy_distance']:.4f} | "
-                         f"{m['mode_coverage']:.3f} |")
-    lines += ["", "![toy trajectories](toy_2d.png)", ""]
-    write_results(result, str(out / "toy_2d.json"), str(out / "toy_2d.md"), "\n".join(lines))
-    print("\n".join(lines))
+    markdown = to_markdown(result)
+    write_results(result, str(out / "toy_2d.json"), str(out / "toy_2d.md"), markdown)
+    print(markdown)
     return 0
 
 

@@ -1,20 +1,11 @@
-"""What every benchmark script shares: naming the hardware and writing its JSON + Markdown results."""
+"""What every benchmark script shares: writing its JSON + Markdown results. (The hardware and package versions
+every figure is reported with come from `fm_policy.versions`, the one helper the library uses too.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 from typing import Any
-
-
-def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo on Linux), for the hardware line of every reported figure."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def write_results(result: dict[str, Any], json_path: str | None, md_path: str | None, markdown: str) -> None:

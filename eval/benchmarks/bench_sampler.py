@@ -1,6 +1,6 @@
 """Benchmark: sequence-sampler throughput (samples/s) at batch 256, low-dim and image Push-T layouts.
 
-    python -m fm_policy.eval.bench_sampler [--data STORE.zarr] [--out docs/results/sampler.json]
+    python -m fm_policy.eval.benchmarks.bench_sampler [--data STORE.zarr] [--out docs/results/sampler.json]
         [--md docs/results/sampler.md]
 
 Without --data it builds, in memory, arrays the size of diffusion_policy's Push-T set (206 episodes, 25,650 steps;
@@ -11,16 +11,16 @@ Measures the batched gather alone and through a torch DataLoader with 0 and 2 wo
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
-
-from fm_policy.eval.bench_common import cpu_name, write_results
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.sampler import SequenceDataset, SequenceSampler, make_dataloader
+from fm_policy.eval.benchmarks.bench_common import write_results
+
+from fm_policy.versions import hardware_summary
 
 BATCH = 256
 HORIZON, N_OBS_STEPS, N_ACTION_STEPS = 16, 2, 8
@@ -132,9 +132,9 @@ def main() -> None:
         arrays, ends = synthetic_pusht()
         data = f"synthetic arrays of diffusion_policy's Push-T size ({len(ends)} episodes, {int(ends[-1])} steps)"
     result = {
-        "command": "python -m fm_policy.eval.bench_sampler" + (f" --data {args.data}" if args.data else ""),
+        "command": "python -m fm_policy.eval.benchmarks.bench_sampler" + (f" --data {args.data}" if args.data else ""),
         "data": data,
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": hardware_summary(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "date": time.strftime("%Y-%m-%d"),

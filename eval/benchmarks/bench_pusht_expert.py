@@ -4,7 +4,7 @@ Measures success without retries and with up to `--max-retries` retries (fresh p
 `retry_planner_seed`), episode length, wall-clock and CPU seconds per state-only episode on one core, and the
 final coverage; writes a JSON (summary + per-seed records) and a Markdown report.
 
-    python eval/bench_pusht_expert.py --seeds 0:200 --workers 1 \
+    python -m fm_policy.eval.benchmarks.bench_pusht_expert --seeds 0:200 --workers 1 \
         --out docs/results/pusht_expert.json --md docs/results/pusht_expert.md
 
 The planner seed of env seed s is `s + --planner-seed-offset` (0 by default). `--goal x,y,angle` runs a
@@ -26,14 +26,14 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from multiprocessing import Pool  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-from fm_policy.versions import package_versions  # noqa: E402
+
+from fm_policy.versions import cpu_name, package_versions, usable_cores  # noqa: E402
 
 _ENV = None  # one env per (worker) process
 
@@ -119,20 +119,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, str]:
-    """CPU model / core count (lscpu, nproc), Python and package versions, date."""
-    def _run(cmd: list[str]) -> str:
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # nproc honours OMP_NUM_THREADS
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    model = next((ln.split(":", 1)[1].strip() for ln in _run(["lscpu"]).splitlines() if ln.startswith("Model name")),
-                 platform.processor())
+    """CPU model / usable cores (`fm_policy.versions`), Python and package versions, date."""
     versions = package_versions(("gym-pusht", "pymunk", "shapely", "gymnasium", "numpy"))
     return {
-        "cpu_model": model,
-        "nproc": _run(["nproc"]).strip(),
+        "cpu_model": cpu_name(),
+        "nproc": str(usable_cores()),
         "python": platform.python_version(),
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -193,6 +184,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [f"Note: {result['note']}", ""]
     lines += ["Planner config (defaults of `PushTExpertConfig`):", "", "```",
               json.dumps(result["config"]), "```", ""]
+    extra = result.get("additional_runs")  # runs added to the JSON by hand (with their commands), not by main()
+    if extra:
+        lines += [f"## {extra['title']}", "",
+                  "| run | success, no retries | with up to 2 retries | steps mean / median / p90 / max | wall s mean / max "
+                  "| CPU s mean / max | mean final coverage |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in extra["rows"]:
+            lines.append(
+                f"| {r['run']} | {r['success_no_retry']} / {r['episodes']} | {r['success_with_retries']} / {r['episodes']} "
+                f"| {r['steps_mean']:.1f} / {r['steps_median']:.0f} / {r['steps_p90']:.0f} / {r['steps_max']} "
+                f"| {r['wall_s_mean']:.2f} / {r['wall_s_max']:.2f} | {r['cpu_s_mean']:.2f} / {r['cpu_s_max']:.2f} "
+                f"| {r['coverage_mean']:.3f} |")
+        lines += ["", "Commands: " + " and ".join(f"`{r['command']}`" for r in extra["rows"]) + f" ({extra['note']}).", ""]
+    if result.get("notes"):
+        lines += ["Notes:", "", *[f"- {note}" for note in result["notes"]], ""]
+    if result.get("provenance"):
+        lines += [f"Source of the numbers: `pusht_expert.json` ({result['provenance']}).", ""]
     return "\n".join(lines)
 
 
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_steps": args.max_steps,
         "max_retries": args.max_retries,
         "workers": args.workers,
-        "command": "python " + shlex.join(sys.argv) if argv is None else "main(" + repr(argv) + ")",
+        "command": "python -m fm_policy.eval.benchmarks.bench_pusht_expert " + shlex.join(sys.argv[1:]) if argv is None else "main(" + repr(argv) + ")",
         "note": args.note,
         "total_wall_s": time.perf_counter() - t0,
         "machine": machine_info(),

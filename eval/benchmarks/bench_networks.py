@@ -1,6 +1,6 @@
 """Benchmark: velocity-network speed on CPU (training step and single-sample inference), Push-T low-dim sizes.
 
-    python -m fm_policy.eval.bench_networks [--threads 1] [--seconds 2.5] [--out docs/results/networks.json]
+    python -m fm_policy.eval.benchmarks.bench_networks [--threads 1] [--seconds 2.5] [--out docs/results/networks.json]
         [--md docs/results/networks.md]
 
 Sizes: horizon 16, action_dim 2, cond = 2 observation steps x 20-D keypoints = 40-D (diffusion_policy's low-dim
@@ -21,9 +21,10 @@ import time
 from typing import Any, Callable
 
 import torch
+from fm_policy.eval.benchmarks.bench_common import write_results
 
-from fm_policy.eval.bench_common import cpu_name, write_results
 from fm_policy.networks import build_velocity_net, count_parameters
+from fm_policy.versions import hardware_summary
 
 HORIZON, ACTION_DIM, COND_DIM = 16, 2, 40
 TRAIN_BATCHES = (64, 256)
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--md", default="docs/results/networks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python -m fm_policy.eval.bench_networks"
+    command = "python -m fm_policy.eval.benchmarks.bench_networks"
     if args.threads != 1:
         command += f" --threads {args.threads}"
     if args.seconds != 2.5:
@@ -162,7 +163,7 @@ def main() -> None:
     rows = run(args.seconds)
     result = {
         "command": command,
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": hardware_summary(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": args.threads,

@@ -5,7 +5,7 @@ Runs every single task and the four-task sequence microwave -> kettle -> light s
 `fm-policy collect`), no retries, within the env's step limit; success = the env's own completion info. Writes a
 JSON (summary + per-episode records) and a Markdown report with the command and hardware.
 
-    python eval/bench_kitchen_expert.py --episodes 50 \
+    python -m fm_policy.eval.benchmarks.bench_kitchen_expert --episodes 50 \
         --out docs/results/kitchen_expert.json --md docs/results/kitchen_expert.md
 """
 
@@ -26,8 +26,9 @@ from multiprocessing import get_context  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-from fm_policy.eval.bench_common import cpu_name, write_results  # noqa: E402
-from fm_policy.versions import package_versions  # noqa: E402
+from fm_policy.eval.benchmarks.bench_common import write_results  # noqa: E402
+
+from fm_policy.versions import cpu_name, package_versions  # noqa: E402
 
 SEQUENCE = ("microwave", "kettle", "light switch", "slide cabinet")
 SINGLE = ("microwave", "kettle", "light switch", "slide cabinet", "bottom burner", "top burner", "hinge cabinet")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     versions = package_versions(("gymnasium-robotics", "mujoco", "gymnasium", "scipy", "numpy"))
     result = {
         "episodes": args.episodes, "seed": args.seed, "max_steps": args.max_steps, "workers": args.workers,
-        "command": "python " + shlex.join(sys.argv) if argv is None else "main(" + repr(argv) + ")",
+        "command": "python -m fm_policy.eval.benchmarks.bench_kitchen_expert " + shlex.join(sys.argv[1:]) if argv is None else "main(" + repr(argv) + ")",
         "note": args.note, "total_wall_s": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
