@@ -18,4 +18,8 @@ constraints=(-c constraints/cpu.txt)
 if [[ ",${extras}," == *",robomimic,"* ]]; then
   .venv/bin/python -m pip install -q "${constraints[@]}" --no-deps robomimic==0.3.0
 fi
+# openpi-client 0.1.2 declares numpy<2 but runs on numpy 2; the dev extra lists what it uses (see pyproject.toml)
+if [[ ",${extras}," == *",dev,"* ]]; then
+  .venv/bin/python -m pip install -q "${constraints[@]}" --no-deps openpi-client==0.1.2
+fi
 echo "fm-policy installed in .venv with extras [${extras}]; activate with: . .venv/bin/activate"

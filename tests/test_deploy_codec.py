@@ -104,3 +104,45 @@ def test_pickle_payloads_are_never_executed():
     with pytest.raises(CodecError):
         unpackb(payload)
     assert _EXECUTED == []
+
+
+def test_openpi_bytes_key_encoding_is_read_and_written():
+    """openpi's msgpack_numpy tags arrays with bytes keys and scalars with plain numbers; both directions work."""
+    openpi = pytest.importorskip("openpi_client.msgpack_numpy")
+    value = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int64(-3), "c": np.float64(0.5), "s": "x"}
+    back = unpackb(openpi.packb(value))
+    assert back["a"].dtype == np.float32 and np.array_equal(back["a"], value["a"])
+    assert back["b"] == -3 and back["b"].dtype == np.int64 and back["c"] == 0.5 and back["s"] == "x"
+    theirs = openpi.unpackb(packb(value, openpi=True))
+    assert np.array_equal(theirs["a"], value["a"]) and theirs["b"] == -3 and theirs["c"] == 0.5
+    assert np.array_equal(unpackb(packb(value, openpi=True))["a"], value["a"])  # ours reads both spellings
+
+
+def test_openpi_style_headers_are_checked_too():
+    header = {b"__ndarray__": True, b"data": b"\x00" * 4, b"dtype": "<f4", b"shape": [2]}
+    with pytest.raises(CodecError, match="needs 8 bytes"):
+        unpackb(msgpack.packb({"x": header}, use_bin_type=True))
+    with pytest.raises(CodecError, match="object"):
+        unpackb(msgpack.packb({"x": {**header, b"dtype": "|O"}}, use_bin_type=True))
+
+
+@pytest.mark.parametrize("frame", [
+    b"\xdd" + (4_000_000).to_bytes(4, "big") + b"\x90" * 4_000_000,  # one list of 4 M empty lists
+    b"\xdd" + (1000).to_bytes(4, "big") + (b"\xdc" + (4000).to_bytes(2, "big") + b"\x90" * 4000) * 1000,
+])
+def test_frames_of_millions_of_containers_are_refused_fast(frame):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(CodecError, match="max_array_len|maps and lists"):
+        unpackb(frame)
+    assert time.perf_counter() - start < 0.2
+
+
+def test_errors_quote_received_values_briefly():
+    with pytest.raises(CodecError) as info:
+        unpackb(_tagged(shape=[1] * 4000))
+    assert len(str(info.value)) < 300
+    with pytest.raises(CodecError) as info:
+        unpackb(_tagged(dtype="<" + "f" * 100_000))
+    assert len(str(info.value)) < 300

@@ -23,7 +23,8 @@ def policy():
 
 @pytest.fixture(scope="module")
 def served(policy):
-    with ServerThread(PolicyServer(policy, ServerConfig(port=0, log_every=0))) as running, \
+    # action_range="flag": the harness executes raw chunks, so the server reports out-of-range actions, not clamps them
+    with ServerThread(PolicyServer(policy, ServerConfig(port=0, log_every=0, action_range="flag"))) as running, \
             PolicyClient(running.url) as client:
         yield client
 
@@ -35,7 +36,7 @@ def test_served_equals_in_process_equals_harness(policy, served):
     config = ControllerConfig(realtime=False, max_steps=MAX_STEPS, record_actions=True,
                               scheduler=SchedulerConfig(clamp=False))
     remote = run_controller(served, SEEDS, config)
-    local = run_controller(LocalChunkSource(policy), SEEDS, config)
+    local = run_controller(LocalChunkSource(policy, action_range="flag"), SEEDS, config)
     for r, lo in zip(remote, local, strict=True):
         assert r.seed == lo.seed and r.steps == lo.steps == MAX_STEPS
         assert np.array_equal(np.array(r.actions), np.array(lo.actions)), r.seed  # bit-identical commands
@@ -50,7 +51,7 @@ def test_served_equals_in_process_equals_harness(policy, served):
         assert r.success == harness[r.seed].success
     # with the default safety clamp the served and in-process loops still agree bit for bit
     clamped = ControllerConfig(realtime=False, max_steps=MAX_STEPS, record_actions=True)
-    remote_c, local_c = run_controller(served, SEEDS[:2], clamped), run_controller(LocalChunkSource(policy), SEEDS[:2], clamped)
+    remote_c, local_c = run_controller(served, SEEDS[:2], clamped), run_controller(LocalChunkSource(policy, action_range="flag"), SEEDS[:2], clamped)
     assert [e.actions for e in remote_c] == [e.actions for e in local_c]
     assert sum(e.clamped_actions for e in remote_c) > 0  # and the clamp did act on this untrained policy
     success_served = np.mean([e.success for e in remote])

@@ -7,7 +7,8 @@
 
 Synchronous on purpose: robot control loops are mostly plain threads, and `websockets.sync` needs no event loop.
 The connection retries while the server is still starting (refused / reset), but not on a 401, which no retry
-fixes. Each request carries an id, and replies to earlier, timed-out requests are discarded instead of being
+fixes. A connection the server closed meanwhile (idle timeout, eviction) is re-opened by the next `infer`, once.
+Each request carries an id, and replies to earlier, timed-out requests are discarded instead of being
 mistaken for the answer to the current one. One request at a time per client (a lock enforces it); use one client
 per thread for parallel requests.
 """
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from fm_policy.deploy.codec import packb, unpackb
@@ -53,6 +55,7 @@ class InferReply:
     num_steps: int
     server_timing: dict[str, float] = field(default_factory=dict)
     roundtrip_ms: float = float("nan")
+    clamped: int = 0  # action values the server found outside the training range (clamped or flagged, see spec)
 
 
 class PolicyClient:
@@ -65,13 +68,16 @@ class PolicyClient:
         self._max_size = max_message_bytes
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._ws: ClientConnection = self._connect(connect_timeout_s, retry_interval_s)
-        meta = unpackb(self._ws.recv(timeout=connect_timeout_s))
+        self._open(connect_timeout_s, retry_interval_s)
+        self._dtypes = {k: np.dtype(v) for k, v in self.spec.obs_dtypes.items()}
+
+    def _open(self, timeout_s: float, retry_interval_s: float) -> None:
+        self._ws: ClientConnection = self._connect(timeout_s, retry_interval_s)
+        meta = unpackb(self._ws.recv(timeout=timeout_s))
         if not isinstance(meta, dict) or meta.get("type") != "metadata":
             self._ws.close()
-            raise ConnectionError(f"{url}: the first frame is not policy metadata; is this an fm-policy server?")
+            raise ConnectionError(f"{self.url}: the first frame is not policy metadata; is this an fm-policy server?")
         self.spec = PolicySpec.from_metadata(meta)
-        self._dtypes = {k: np.dtype(v) for k, v in self.spec.obs_dtypes.items()}
 
     def _connect(self, timeout_s: float, retry_interval_s: float) -> ClientConnection:
         deadline = time.monotonic() + timeout_s
@@ -119,6 +125,8 @@ class PolicyClient:
                 message["noise"] = np.ascontiguousarray(noise, dtype=np.float32)
             start = time.perf_counter()
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            if self._ws.state is not State.OPEN:  # closed by the server meanwhile (idle): one reconnect
+                self._open(5.0 if timeout_s is None else max(timeout_s, 0.5), 0.1)
             try:
                 self._ws.send(packb(message))
                 while True:
@@ -134,7 +142,7 @@ class PolicyClient:
             raise ServerError(str(err.get("code")), str(err.get("message")))
         return InferReply(actions=np.asarray(reply["actions"]), request_id=request_id,
                           num_steps=int(reply.get("num_steps", 0)), server_timing=dict(reply.get("server_timing", {})),
-                          roundtrip_ms=roundtrip_ms)
+                          roundtrip_ms=roundtrip_ms, clamped=int(reply.get("clamped", 0)))
 
     def send_raw(self, data: bytes | str) -> Any:
         """Send an arbitrary frame and return the decoded reply (protocol tests and debugging only)."""
@@ -155,16 +163,19 @@ class PolicyClient:
 class LocalChunkSource:
     """The same `infer` interface on a policy in this process: the controller runs unchanged with or without a server.
 
-    Runs exactly what the server runs (`generate_chunk` on a batch of one, actions from the current step on), so
-    in-process and served rollouts with the same noise are bit-identical.
+    Runs exactly what the server runs (`generate_chunk` on a batch of one, actions from the current step on, the
+    same output check: NaN/inf raise ServerError('non_finite_output'), `action_range` clamps or flags as the
+    server's option of that name does), so in-process and served rollouts with the same noise are bit-identical.
     """
 
-    def __init__(self, policy: Any, num_steps: int | None = None, control_hz: float = 10.0) -> None:
+    def __init__(self, policy: Any, num_steps: int | None = None, control_hz: float = 10.0,
+                 action_range: str = "clamp") -> None:
         from fm_policy.deploy.protocol import spec_from_policy
 
         self.policy = policy.eval()
         self.spec = spec_from_policy(policy, num_steps=num_steps, max_num_steps=max(128, num_steps or 0),
                                      control_hz=control_hz)
+        self.spec.action_range_mode = action_range
 
     def infer(self, observation: Mapping[str, Any], num_steps: int | None = None, solver: str | None = None,
               noise: np.ndarray | None = None, timeout_s: float | None = None) -> InferReply:
@@ -179,8 +190,14 @@ class LocalChunkSource:
             chunk = self.policy.generate_chunk(obs, num_steps=steps, solver=solver or self.spec.solver, noise=noise_t)
         actions = chunk[0, self.spec.n_obs_steps - 1:].to("cpu", torch.float32).numpy()
         ms = (time.perf_counter() - start) * 1e3
+        from fm_policy.deploy.protocol import RequestError, check_actions
+
+        try:
+            actions, outside = check_actions(actions, self.spec, self.spec.action_range_mode)
+        except RequestError as exc:
+            raise ServerError(exc.code, str(exc)) from None
         return InferReply(actions=actions, request_id=None, num_steps=steps, server_timing={"infer_ms": ms},
-                          roundtrip_ms=ms)
+                          roundtrip_ms=ms, clamped=outside)
 
     def close(self) -> None:
         pass

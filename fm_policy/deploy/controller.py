@@ -86,9 +86,9 @@ def _episode_noise(spec: Any, torch_seed: int, env_seed: int):
     """Noise generator identical to the eval harness's per-episode stream (same seed formula, same draws)."""
     import torch
 
-    from fm_policy.eval.harness import _episode_seed
+    from fm_policy.datasets.seeds import episode_noise_seed
 
-    generator = torch.Generator().manual_seed(_episode_seed(torch_seed, env_seed))
+    generator = torch.Generator().manual_seed(episode_noise_seed(torch_seed, env_seed))
     shape = (spec.horizon, spec.action_dim)
     return lambda: torch.randn(shape, generator=generator).numpy()
 
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         source: Any = PolicyClient(args.url, api_key=args.api_key)
     else:
         from fm_policy.deploy.client import LocalChunkSource
-        from fm_policy.policy import load_policy
+        from fm_policy.factory import load_policy
 
         source = LocalChunkSource(load_policy(args.checkpoint), num_steps=args.num_steps)
     config = ControllerConfig(control_hz=args.hz, realtime=not args.no_realtime, max_steps=args.max_steps,

@@ -1,6 +1,6 @@
 """Export a saved policy to ONNX or TorchScript (`fm-policy export`), with a parity check against PyTorch.
 
-What is exported (the split the anchors recommend, section 5.4):
+What is exported (the usual split for few-step samplers: docs/deploy.md, section 5):
 
 - `encoder`: raw observations {key: (B, n_obs_steps, *shape)} -> global condition (B, cond_dim). The observation
   normaliser is inside the graph, so a C++/Rust host feeds sensor values exactly as the server receives them.
@@ -34,13 +34,14 @@ import torch
 from torch import Tensor, nn
 
 import fm_policy
+from fm_policy.errors import UserError
 
 __all__ = ["ExportConfig", "ExportError", "export_policy"]
 
 FORMATS = ("onnx", "torchscript")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The policy cannot be exported as asked, or an exported graph disagrees with PyTorch beyond the tolerance."""
 
 
@@ -210,10 +211,10 @@ def export_policy(policy: Any, out_dir: str | Path, config: ExportConfig | None 
         except ImportError as exc:
             raise ExportError(f"ONNX export needs the deploy extra: pip install 'fm-policy[deploy]' ({exc})") from None
     policy = policy.to("cpu").eval()
-    is_flow = policy.config.type in ("flow", "flow_residual")
+    is_flow = type(policy).supports_fused_export  # its network is a velocity field in flow time, Euler-fusable
     if cfg.fused_steps and not is_flow:
-        raise ExportError(f"fused Euler graphs are for flow policies; this is a '{policy.config.type}' policy "
-                          "(export it with fused_steps=() and run the DDIM/DDPM loop on the host)")
+        raise ExportError(f"fused Euler graphs are for flow policies; this is a '{type(policy).name}' policy "
+                          "(export it with fused_steps=() and run its sampler loop on the host)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ext = ".onnx" if cfg.format == "onnx" else ".pt"
@@ -223,7 +224,7 @@ def export_policy(policy: Any, out_dir: str | Path, config: ExportConfig | None 
     obs_specs = {k: ["batch", policy.n_obs_steps, *policy.obs_shapes[k]] for k in keys}
     act = policy.normalizer
     manifest = ExportManifest(
-        format=cfg.format, policy_type=policy.config.type, obs_keys=keys,
+        format=cfg.format, policy_type=type(policy).name, obs_keys=keys,
         obs_shapes={k: list(v) for k, v in policy.obs_shapes.items()}, horizon=horizon,
         n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps, action_dim=adim,
         action_scale=act._get("action", "scale").reshape(-1).tolist(),
@@ -280,7 +281,9 @@ def host_euler_loop(out_dir: str | Path, observation: dict[str, np.ndarray], noi
 
     out = Path(out_dir)
     manifest = json.loads((out / "export.json").read_text())
-    if manifest["format"] != "onnx" or manifest["policy_type"] not in ("flow", "flow_residual"):
+    from fm_policy.factory import policy_class
+
+    if manifest["format"] != "onnx" or not policy_class(manifest["policy_type"]).supports_fused_export:
         raise ExportError(f"{out}: host_euler_loop needs an ONNX export of a flow policy")
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

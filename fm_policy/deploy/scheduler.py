@@ -1,7 +1,7 @@
 """Controller-side action-chunk scheduling: one safe action per control tick from a chunk-predicting policy.
 
 A chunk policy answers an observation history with a chunk of future actions; a controller needs one action per
-tick, on time. `ChunkScheduler.step(obs)` bridges the two with one of three strategies (anchors section 5.3):
+tick, on time. `ChunkScheduler.step(obs)` bridges the two with one of three strategies (docs/deploy.md, section 3):
 
 - `receding` (Diffusion Policy): execute the first `n_action_steps` actions of a chunk open loop, then re-query
   with the newest observations. Deterministic given the noise, so it is what evaluations and the end-to-end test use.
