@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fm_policy.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError):
     """A dataset store is malformed or does not hold what was asked for.
 
     The message always names the store, the key (when one is involved) and the problem, because a user staring at a

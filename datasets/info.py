@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 
 STATS_BLOCK_STEPS = 8192  # rows per read while computing statistics: bounded memory on image stores

@@ -25,9 +25,8 @@ from typing import Any, Literal
 import numcodecs
 import numpy as np
 import zarr
-
 from fm_policy.datasets.errors import DatasetError
-from fm_policy.datasets.validation import check_required_keys, validate_replay_buffer
+from fm_policy.datasets.validation import check_required_keys, read_rows, validate_replay_buffer
 
 CompressorName = Literal["default", "disk", "none"]
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024  # diffusion_policy aims at ~2 MB chunks; the same trade-off holds here
@@ -170,7 +169,7 @@ class ReplayBuffer:
 
     @property
     def episode_ends(self) -> np.ndarray:
-        return np.asarray(self.meta["episode_ends"][:], dtype=np.int64)
+        return read_rows(self.meta["episode_ends"], slice(None), self.path, "meta/episode_ends").astype(np.int64)
 
     @property
     def n_episodes(self) -> int:
@@ -204,12 +203,12 @@ class ReplayBuffer:
 
     def get_episode(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         sl = self.episode_slice(index)
-        return {k: np.asarray(self.array(k)[sl]) for k in (keys or self.keys)}
+        return {k: read_rows(self.array(k), sl, self.path, f"data/{k}") for k in (keys or self.keys)}
 
     def load(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Read whole arrays into memory (training keeps data in RAM: no per-sample disk reads in the hot loop)."""
         n = self.n_steps
-        return {k: np.asarray(self.array(k)[:n]) for k in (keys or self.keys)}
+        return {k: read_rows(self.array(k), slice(0, n), self.path, f"data/{k}") for k in (keys or self.keys)}
 
     # ------------------------------------------------------------------ writing
     def add_episode(

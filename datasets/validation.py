@@ -9,7 +9,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import zarr
-
 from fm_policy.datasets.errors import DatasetError
 
 FINITE_CHECK_STEPS = 65536  # rows per read while scanning float arrays for NaN/inf: bounded memory on big stores
@@ -36,9 +35,31 @@ def validate_episode_ends(ends: np.ndarray, store: str) -> None:
         )
 
 
+def read_rows(array: zarr.Array, rows: slice, store: str, key: str) -> np.ndarray:
+    """`array[rows]`, with a chunk that cannot be decoded reported as a `DatasetError` naming store, key and chunk.
+
+    A truncated download or a disk error leaves chunks that the codec (blosc, zstd, ...) refuses with its own
+    low-level error; the user needs to know which file of the store is broken, so the failing read is retried
+    chunk by chunk to find it (only on the error path: normal reads stay one call)."""
+    try:
+        return np.asarray(array[rows])
+    except Exception as exc:  # codec and storage errors come in many types; all mean "this store is damaged"
+        start, stop, _ = rows.indices(array.shape[0])
+        step = array.chunks[0]
+        for first in range(start - start % step, stop, step):
+            try:
+                array[first : first + step]
+            except Exception as chunk_exc:
+                raise DatasetError(
+                    store, f"chunk {first // step} (rows {first}-{min(first + step, array.shape[0]) - 1}) cannot be "
+                    f"read: {type(chunk_exc).__name__}: {str(chunk_exc)[:200]}; the store is truncated or corrupt "
+                    "(re-download or re-collect it)", key=key) from None
+        raise DatasetError(store, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}", key=key) from None
+
+
 def _check_finite(array: zarr.Array, store: str, key: str) -> None:
     for start in range(0, array.shape[0], FINITE_CHECK_STEPS):
-        block = np.asarray(array[start : start + FINITE_CHECK_STEPS])
+        block = read_rows(array, slice(start, start + FINITE_CHECK_STEPS), store, f"data/{key}")
         finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
         if not finite.all():
             step = start + int(np.argmin(finite))
@@ -59,7 +80,7 @@ def validate_replay_buffer(
     meta = root["meta"]
     if "episode_ends" not in meta:
         raise DatasetError(store, "missing; it marks where each episode ends", key="meta/episode_ends")
-    ends = np.asarray(meta["episode_ends"][:])
+    ends = read_rows(meta["episode_ends"], slice(None), store, "meta/episode_ends")
     validate_episode_ends(ends, store)
     n_steps = int(ends[-1])
 

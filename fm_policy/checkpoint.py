@@ -15,10 +15,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from fm_policy.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint is missing, incomplete or corrupt; the message names the directory and the file."""
 
 

@@ -10,50 +10,85 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fm_policy import __version__
+from fm_policy.envs.spec import csv_list
+from fm_policy.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse `type`: argparse prints an ArgumentTypeError's message but replaces a ValueError's with
+    a generic "invalid value"; env option parsers raise ValueError (they are not CLI code), so convert it. Builtin
+    types (`int`, `float`, `str`) keep argparse's own "invalid int value" message."""
+    if isinstance(parse, type):
+        return parse
+
+    def convert(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
 def _csv(value: str) -> tuple[str, ...]:
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. state,keypoints")
-    return items
+    return tuple(_arg_type(csv_list)(value))
 
 
-def _goal(value: str) -> tuple[float, float, float]:
-    """`--goal X,Y,ANGLE`: a Push-T goal pose (pixels, pixels, radians)."""
-    try:
-        goal = tuple(float(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y,ANGLE numbers, e.g. 190,310,-1.0; got '{value}'") from None
-    if len(goal) != 3:
-        raise argparse.ArgumentTypeError(f"expected 3 numbers X,Y,ANGLE, e.g. 190,310,-1.0; got '{value}'")
-    return goal  # type: ignore[return-value]
+def _add_env_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """One argument per env-specific flag that any registered env declares for `command` (`EnvSpec.options`)."""
+    from fm_policy.envs.registry import env_options
+
+    for option, envs in env_options(command).values():
+        metavar = option.metavar or (None if option.choices else option.flag.lstrip("-").replace("-", "_").upper())
+        try:
+            parser.add_argument(option.flag, dest=option.dest, type=_arg_type(option.parse), choices=option.choices,
+                                metavar=metavar, default=None, help=f"{option.help} (--env {', '.join(envs)})")
+        except argparse.ArgumentError:
+            raise UserError(f"env {', '.join(envs)} declares option {option.flag}, which `fm-policy {command}` "
+                             "already has; rename it in the env's spec") from None
 
 
-def _goal_kwargs(args: argparse.Namespace) -> dict:
-    return {} if args.goal is None else {"goal_pose": list(args.goal)}
+def _env_option_kwargs(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The env options given on the command line, as kwargs for `args.env` (recorder kwargs for collect, env
+    factory kwargs for eval). An option that `args.env` does not declare is an error naming the envs that do."""
+    from fm_policy.envs.registry import env_options, env_spec
+
+    own = {o.flag: o for o in env_spec(args.env).options_for(command)}  # unknown env: error listing the known ones
+    kwargs: dict[str, Any] = {}
+    foreign: dict[str, list[str]] = {}
+    for flag, (option, envs) in env_options(command).items():
+        value = getattr(args, option.dest, None)
+        if value is None:
+            continue
+        if flag in own:
+            kwargs[own[flag].kwarg] = value
+        else:
+            foreign.setdefault(", ".join(envs), []).append(flag)
+    if foreign:
+        raise UserError("; ".join(f"{', '.join(flags)} only apply to --env {envs}" for envs, flags in foreign.items()))
+    return kwargs
 
 
-def _kitchen_kwargs(args: argparse.Namespace) -> dict:
-    """Kitchen-only collect options (task list, expert task order / subsets) as recorder kwargs."""
-    given = {"tasks": args.tasks, "task_order": args.task_order, "subset_size": args.subset_size}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and args.env != "kitchen":
-        raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in given)} only apply to --env kitchen")
-    if "tasks" in given:
-        given["tasks"] = list(given["tasks"])
-    return given
+def _grouped(pairs: Sequence[tuple[str, str]]) -> str:
+    """`[(env, text), ...]` -> `"env1, env2: text; env3: other"`: help texts that list per-env facts compactly."""
+    groups: dict[str, list[str]] = {}
+    for env, text in pairs:
+        groups.setdefault(text, []).append(env)
+    return "; ".join(f"{', '.join(envs)}: {text}" for text, envs in groups.items())
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from fm_policy.datasets.collect import CollectConfig, collect, env_collect_defaults
 
     defaults = env_collect_defaults(args.env)
+    env_kwargs = _env_option_kwargs(args, "collect")
     config = CollectConfig(
         env=args.env,
         episodes=args.episodes,
@@ -66,7 +101,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         zarr_format=args.zarr_format,
         compressor=args.compressor,
         overwrite=args.overwrite,
-        env_kwargs={**_goal_kwargs(args), **_kitchen_kwargs(args)},
+        env_kwargs=env_kwargs,
     )
     summary = collect(config, progress=not args.no_progress)
     skipped = summary["skipped_env_seeds"]
@@ -137,8 +172,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         seed_start=args.seed_start,
         workers=args.workers,
-        env_kwargs={**_goal_kwargs(args), **({"tasks": list(args.tasks)} if args.tasks else {}),
-                    **dict(args.env_kwarg)},
+        env_kwargs={**_env_option_kwargs(args, "eval"), **dict(args.env_kwarg)},
         progress=not args.no_progress,
     )
     print(paths["markdown"].read_text())
@@ -175,8 +209,8 @@ def _cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deploy_import_error(exc: ImportError) -> ValueError:
-    return ValueError(f"this command needs the deploy extra: pip install 'fm-policy[deploy]' ({exc})")
+def _deploy_import_error(exc: ImportError) -> UserError:
+    return UserError(f"this command needs the deploy extra: pip install 'fm-policy[deploy]' ({exc})")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -187,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from fm_policy.deploy.server import PolicyServer, ServerConfig
     except ImportError as exc:
         raise _deploy_import_error(exc) from None
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":  # websockets' own per-connection lines duplicate ours
@@ -198,10 +232,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
-        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+        raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     config = ServerConfig(host=args.host, port=args.port, api_key=api_key, num_steps=args.num_steps,
                           max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
-                          max_batch=args.max_batch, control_hz=args.control_hz)
+                          max_batch=args.max_batch, control_hz=args.control_hz, max_num_steps=args.max_num_steps,
+                          max_nfe=args.max_nfe, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+                          preempt=not args.no_preempt, protocol=args.protocol, action_range=args.action_range,
+                          seed=args.seed, idle_timeout_s=args.idle_timeout or None,
+                          max_queued_frames=args.max_queued_frames, auth_fail_limit=args.auth_fail_limit)
     policy = load_policy(args.checkpoint, device=args.device)
     server = PolicyServer(policy, config, model_name=str(args.checkpoint))
     server.serve_forever(ready=lambda port: print(f"serving {args.checkpoint} at ws://{args.host}:{port}", flush=True))
@@ -215,10 +253,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise _deploy_import_error(exc) from None
     from pathlib import Path
 
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     policy = load_policy(args.checkpoint)
-    fused = args.fused_steps if policy.config.type != "ddpm" else ()
+    fused = args.fused_steps if type(policy).supports_fused_export else ()
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"export_{args.format}"
     manifest = export_policy(policy, out, ExportConfig(format=args.format, fused_steps=fused, opset=args.opset,
                                                        verify=not args.no_verify))
@@ -234,36 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fm-policy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
+    from fm_policy.envs.registry import all_env_specs
+
+    experts = [(s.name, s.collection) for s in all_env_specs() if s.collection is not None]
     p = sub.add_parser("collect", help="generate expert demonstrations into a zarr store")
-    p.add_argument("--env", default="pusht", help="environment with a scripted expert: pusht (default), kitchen, robomimic/lift, "
-                        "robomimic/can, robomimic/square")
+    p.add_argument("--env", default="pusht", help="environment with a scripted expert (default: pusht): "
+                                                  + ", ".join(name for name, _ in experts))
     p.add_argument("--episodes", type=int, default=200, help="successful episodes to store (default: 200)")
     p.add_argument("--out", required=True, help="output store, e.g. data/pusht_expert.zarr")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("--obs", type=_csv, default=None,
-                   help="observation modes to store; Push-T: state, keypoints, image (default: state,keypoints); "
-                        "Kitchen: state; robomimic/<task>: state and <camera>_image, e.g. agentview_image")
+                   help="observation modes to store; " + _grouped(
+                       [(name, f"{c.obs_help} (default: {','.join(c.obs)})") for name, c in experts]))
     p.add_argument("--seed", type=int, default=0, help="dataset seed; candidate i uses env seed seed+i (default: 0)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="episode step limit (default: the env's, Push-T 300, Kitchen 280, robomimic 400)")
+                   help="episode step limit (default: the env's; " + _grouped(
+                       [(name, str(c.max_steps)) for name, c in experts]) + ")")
     p.add_argument("--max-retries", type=int, default=2, help="retries with fresh planner seeds (default: 2)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2,
                    help="2 (default) is readable by diffusion_policy; 3 is zarr's current format")
     p.add_argument("--compressor", choices=("default", "disk", "none"), default="default",
                    help="Blosc lz4 (default, fast), Blosc zstd bit-shuffle (disk, small) or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store or interrupted collection")
-    p.add_argument("--goal", type=_goal, metavar="X,Y,ANGLE",
-                   help="Push-T task variant: the T's goal pose (default: gym-pusht's 256,256,0.7854); stored in "
-                        "the store's attributes")
-    p.add_argument("--tasks", type=_csv, metavar="T1,T2,...",
-                   help="Kitchen: tasks in the order the expert does them (default: microwave,kettle,light switch,"
-                        "slide cabinet); any of microwave, kettle, light switch, slide cabinet, bottom burner, "
-                        "top burner, hinge cabinet")
-    p.add_argument("--task-order", choices=("given", "shuffle"),
-                   help="Kitchen: the expert follows --tasks in order (given, default) or a random order per episode")
-    p.add_argument("--subset-size", type=int,
-                   help="Kitchen: the expert does a random subset of this many of --tasks (kitchen-partial style); "
-                        "success = all of that subset done")
+    _add_env_options(p, "collect")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
 
@@ -294,16 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="roll a saved policy out in its simulator: score, success, latency, report")
     p.add_argument("--checkpoint", required=True, help="a saved policy, e.g. runs/NAME/checkpoints/step_N/ema")
-    p.add_argument("--env", default="pusht")
+    p.add_argument("--env", default="pusht", help="registered environment (default: pusht; see `fm-policy envs`)")
     p.add_argument("--episodes", type=int, default=50, help="test episodes, env seeds from --seed-start (default 50)")
-    p.add_argument("--num-steps", type=_ints, default=(1, 2, 4, 8),
-                   help="sampler steps to compare, e.g. 1,2,4,8 (flow: ODE steps; ddpm: sampler steps)")
+    p.add_argument("--num-steps", type=_ints, default=None,
+                   help="sampler steps to compare, e.g. 1,2,4,8 (flow: ODE steps; ddpm: sampler steps; default: the "
+                        "step count the policy was saved for, e.g. a fine-tuned 2-step model's 2)")
     p.add_argument("--solver", help="flow: euler|midpoint|rk4|dopri5; ddpm: ddpm|ddim (default: the saved one)")
     p.add_argument("--seed-start", type=int, default=100000)
-    p.add_argument("--goal", type=_goal, metavar="X,Y,ANGLE",
-                   help="evaluate on the Push-T variant with this goal pose (default: the standard goal)")
-    p.add_argument("--tasks", type=_csv, metavar="T1,T2,...",
-                   help="Kitchen: tasks scored, p1..pK (default: microwave,kettle,light switch,slide cabinet)")
+    _add_env_options(p, "eval")
     p.add_argument("--workers", type=int, default=1, help="env worker processes (default 1: envs in this process)")
     p.add_argument("--env-kwarg", type=_env_kwarg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra env factory argument, value parsed as YAML (repeatable), e.g. abs_actions=true for a "
@@ -344,8 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--api-key-env", metavar="VAR",
                    help="require the API key stored in this environment variable (never pass keys on the command line)")
-    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request frame (4 MiB)")
+    p.add_argument("--max-message-bytes", type=int,
+                   help="largest request frame (default: twice a full request of this policy + 64 KiB)")
     p.add_argument("--max-clients", type=int, default=32, help="concurrent connections accepted (default 32)")
+    p.add_argument("--protocol", choices=("auto", "fm", "openpi"), default="auto",
+                   help="request dialects: fm ({'observation': ...}), openpi (flat map, openpi_client) or both (auto)")
+    p.add_argument("--max-num-steps", type=int, default=128, help="most sampler steps a request may ask for (128)")
+    p.add_argument("--max-nfe", type=int, default=128,
+                   help="most network evaluations per request: steps x evaluations per step, rk4 = 4 (default 128)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for the model before `busy` (32)")
+    p.add_argument("--request-timeout", type=float, default=5.0,
+                   help="seconds until an unanswered request gets `deadline_exceeded` and is cancelled (5)")
+    p.add_argument("--no-preempt", action="store_true",
+                   help="run costly requests in line (default: on a policy copy, paused while cheaper requests wait)")
+    p.add_argument("--action-range", choices=("clamp", "flag", "none"), default="clamp",
+                   help="actions outside the training range: clamp them (default) or only count them in the reply")
+    p.add_argument("--seed", type=int,
+                   help="deterministic noise for requests without noise: per connection, torch generator seeded so")
+    p.add_argument("--idle-timeout", type=float, default=120.0, help="close connections idle this long (s; 0: never)")
+    p.add_argument("--max-queued-frames", type=int, default=2, help="frames buffered per connection (default 2)")
+    p.add_argument("--auth-fail-limit", type=int, default=10,
+                   help="failed handshakes per address per minute before HTTP 429 (default 10)")
     p.add_argument("--max-batch", type=int, default=1,
                    help="batch up to N requests that arrive together (throughput; default 1: bit-exact replies)")
     p.add_argument("--control-hz", type=float, default=10.0, help="control rate advertised to clients (default 10)")
@@ -372,13 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Expected failures (bad data, bad arguments, existing outputs) print one clear line, not a traceback."""
-    from fm_policy.checkpoint import CheckpointError
-    from fm_policy.datasets.errors import DatasetError
-
+    """User errors (bad data, config, checkpoint or arguments; existing outputs) print one clear line; anything else
+    is a bug and keeps its traceback."""
     try:
         return func(args)
-    except (DatasetError, CheckpointError, FileExistsError, ValueError) as exc:
+    except (UserError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and the like

@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fm_policy.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is wrong; the message names the source, the key and the problem."""
 
 
@@ -52,20 +54,43 @@ def resolve_config_path(name_or_path: str) -> str:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config; shipped: {', '.join(available)}")
 
 
-def load_config(schema: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of `schema`, then the YAML file at `path`, then `key=value` overrides (dotted keys for nesting)."""
-    config = OmegaConf.structured(schema)
+def _read_yaml(path: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in several types
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections (run_dir, data, policy, ...), got a list")
+    return loaded
+
+
+def _parse_override(override: str) -> DictConfig:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value (e.g. optim.lr=3e-4)")
+    return OmegaConf.from_dotlist([override])
+
+
+def peek_config_value(path: str | None, overrides: Sequence[str], dotted: str) -> Any:
+    """The value of `dotted` after the file and the overrides, read before any schema is applied.
+
+    Polymorphic sections need it: the class that types `policy` depends on `policy.type`, which may come from the
+    file or from an override."""
+    raw = _read_yaml(resolve_config_path(path)) if path is not None else OmegaConf.create({})
+    for override in overrides:
+        raw = OmegaConf.merge(raw, _parse_override(override))
+    return OmegaConf.select(raw, dotted, default=None)
+
+
+def load_config(schema: type[T], path: str | None = None, overrides: Sequence[str] = (),
+                defaults: T | None = None) -> T:
+    """Defaults of `schema` (or the instance `defaults`, e.g. with a section of a chosen subclass), then the YAML
+    file at `path`, then `key=value` overrides (dotted keys for nesting)."""
+    config = OmegaConf.structured(defaults if defaults is not None else schema)
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            from_file = OmegaConf.load(path)
-        except Exception as exc:  # YAML syntax errors come in several types
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        config = _merge(config, from_file, path)
+        config = _merge(config, _read_yaml(path), path)
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override '{override}' must look like key=value (e.g. optim.lr=3e-4)")
-        config = _merge(config, OmegaConf.from_dotlist([override]), f"override '{override}'")
+        config = _merge(config, _parse_override(override), f"override '{override}'")
     try:
         return OmegaConf.to_object(config)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:

@@ -4,23 +4,50 @@ sampling, DDIMScheduler for few-step deterministic sampling)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 from fm_policy.flow_matching import flow_matching_loss, sample_noise
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import BasePolicy, PolicyConfig, register_policy
+from fm_policy.policy import BasePolicy, PolicyConfig
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddim", "ddpm")
 
 
-@register_policy("ddpm")
+@dataclass
+class DiffusionPolicyConfig(PolicyConfig):
+    """The DDPM baseline: the noise schedule it is trained with; `solver` is the sampler (ddim or ddpm)."""
+
+    type: str = "ddpm"
+    solver: str = "ddim"  # ddim: deterministic few-step; ddpm: ancestral, normally num_inference_steps = 100
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+
+    @classmethod
+    def migrate_v1(cls, values: dict[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Format 1 named the sampler `diffusion_sampler` and kept the flow's `solver` beside it."""
+        sampler = values.get("diffusion_sampler", "ddim")
+        values = super().migrate_v1(values, meta)
+        values["solver"] = sampler
+        return values
+
+
 class DiffusionPolicy(BasePolicy):
-    def __init__(self, config: PolicyConfig, normalizer: Normalizer):
+    name = "ddpm"
+    config_class = DiffusionPolicyConfig
+    solvers = SAMPLERS
+    fixed_cost_solvers = SAMPLERS
+    time_scale = 1.0  # the network sees integer diffusion steps 0..num_train_timesteps-1 unscaled
+    config: DiffusionPolicyConfig
+
+    def __init__(self, config: DiffusionPolicyConfig, normalizer: Normalizer):
         super().__init__(config, normalizer)
-        if config.diffusion_sampler not in SAMPLERS:
-            raise ValueError(f"policy.diffusion_sampler '{config.diffusion_sampler}' is unknown; choose {SAMPLERS}")
         schedule = dict(
             num_train_timesteps=config.num_train_timesteps,
             beta_schedule=config.beta_schedule,
@@ -40,7 +67,7 @@ class DiffusionPolicy(BasePolicy):
 
     def _sample(self, cond: Tensor, num_steps: int, solver: str | None, noise: Tensor | None) -> Tensor:
         """`solver` picks the sampler ('ddpm' or 'ddim'; default from the config); `num_steps` its step count."""
-        name = solver or self.config.diffusion_sampler
+        name = solver or self.config.solver
         if name not in SAMPLERS:
             raise ValueError(f"diffusion sampler '{name}' is unknown; choose one of {SAMPLERS}")
         scheduler = self._sample_schedulers[name]

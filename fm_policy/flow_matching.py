@@ -19,7 +19,7 @@ the target are built from (x0, x1, t); how the learned field is integrated lives
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -132,54 +132,30 @@ class TimeSampler:
         return t
 
 
-def flow_matching_loss(pred_velocity: Tensor, target_velocity: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error between predicted and target velocities, over real (unpadded) elements only.
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of `values` (B, T, ...) over the real (unpadded) elements only, in float32.
 
-    pred/target: (B, T, ...). mask: bool (B, T) (or any leading shape of pred), True for real action steps;
-    chunks cut at an episode end are padded and those steps must not teach the field anything. The mean is over
-    the real elements of the whole batch, so a sample's weight is proportional to its number of real steps.
-    An all-padded batch gives 0 (not NaN). Computed in float32 even when the prediction is bf16/fp16, because the
-    squared error of small velocity residuals underflows/rounds badly in half precision.
+    mask: bool (B, T) (or any leading shape of values), True for real action steps; chunks cut at an episode end are
+    padded and those steps must not teach the model anything. The mean is over the real elements of the whole batch,
+    so a sample's weight is proportional to its number of real steps. An all-padded batch gives 0 (not NaN). Every
+    per-element loss in the package (flow matching, the MLE objective's NLL and reconstruction error) reduces here.
+    """
+    values = values.float()
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape[: mask.ndim]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match the leading dims of {tuple(values.shape)}")
+    m = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)).to(values.dtype)
+    count = m.expand_as(values).sum()  # real elements (a broadcast view: no (B, T, D) mask is materialised)
+    return (values * m).sum() / count.clamp_min(1.0)  # clamp, not `if`: no host sync, all-padded batch -> 0
+
+
+def flow_matching_loss(pred_velocity: Tensor, target_velocity: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between predicted and target velocities over real elements (see `masked_mean`).
+
+    Computed in float32 even when the prediction is bf16/fp16, because the squared error of small velocity residuals
+    underflows/rounds badly in half precision.
     """
     if pred_velocity.shape != target_velocity.shape:
         raise ValueError(f"prediction {tuple(pred_velocity.shape)} != target {tuple(target_velocity.shape)}")
-    sq = (pred_velocity.float() - target_velocity.float()).square()
-    if mask is None:
-        return sq.mean()
-    if mask.shape != pred_velocity.shape[: mask.ndim]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match the leading dims of {tuple(pred_velocity.shape)}")
-    m = mask.reshape(mask.shape + (1,) * (sq.ndim - mask.ndim)).to(sq.dtype)
-    count = m.expand_as(sq).sum()  # real elements (a broadcast view: no (B, T, D) mask is materialised)
-    return (sq * m).sum() / count.clamp_min(1.0)  # clamp, not `if`: no host sync, all-padded batch -> 0
-
-
-@dataclass
-class FlowMatchingBatch:
-    """One training draw: feed (t, x_t) to the velocity network and regress it onto target_velocity."""
-
-    x_t: Tensor
-    t: Tensor
-    noise: Tensor
-    target_velocity: Tensor
-
-
-@dataclass
-class FlowMatchingConfig:
-    """Training-side settings of the flow: how t is drawn (the path is `LinearPath`, the only one so far)."""
-
-    time_sampler: TimeSampler = field(default_factory=TimeSampler)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.time_sampler, dict):  # built from YAML / a plain dict
-            self.time_sampler = TimeSampler(**self.time_sampler)
-
-    @property
-    def path(self) -> LinearPath:
-        return LinearPath()
-
-    def training_batch(self, x1: Tensor, generator: torch.Generator | None = None) -> FlowMatchingBatch:
-        """Everything one training step needs for data x1 (B, ...): noise, time, x_t and the target velocity."""
-        noise = sample_noise(x1.shape, x1.device, x1.dtype, generator)
-        t = self.time_sampler.sample(x1.shape[0], x1.device, generator).to(x1.dtype)
-        x_t, target = self.path.sample(x1, t, noise)
-        return FlowMatchingBatch(x_t=x_t, t=t, noise=noise, target_velocity=target)
+    return masked_mean((pred_velocity.float() - target_velocity.float()).square(), mask)

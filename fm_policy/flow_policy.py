@@ -3,17 +3,38 @@ integrating it from Gaussian noise (t = 0) to an action chunk (t = 1) in 1-16 st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from fm_policy.flow_matching import LinearPath, TimeSampler, flow_matching_loss, sample_noise
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import BasePolicy, PolicyConfig, register_policy
-from fm_policy.solvers import solve
+from fm_policy.policy import BasePolicy, PolicyConfig
+from fm_policy.solvers import FIXED_STEP_METHODS, METHODS, solve
 
 
-@register_policy("flow")
+@dataclass
+class FlowPolicyConfig(PolicyConfig):
+    """The flow policy: how training draws flow times, and how the ODE is integrated at deployment."""
+
+    type: str = "flow"
+    solver: str = "euler"  # euler | midpoint | rk4 | heun2 ... | dopri5 and torchdiffeq's adaptive methods
+    time_sampling: str = "uniform"  # uniform | logit_normal | beta (see fm_policy.flow_matching.TimeSampler)
+    time_logit_mean: float = 0.0
+    time_logit_std: float = 1.0
+    time_beta_alpha: float = 1.0
+    time_beta_beta: float = 1.5
+
+
 class FlowPolicy(BasePolicy):
-    def __init__(self, config: PolicyConfig, normalizer: Normalizer):
+    name = "flow"
+    config_class = FlowPolicyConfig
+    solvers = METHODS
+    fixed_cost_solvers = FIXED_STEP_METHODS
+    supports_fused_export = True
+    config: FlowPolicyConfig
+
+    def __init__(self, config: FlowPolicyConfig, normalizer: Normalizer):
         super().__init__(config, normalizer)
         self.time_sampler = TimeSampler(
             kind=config.time_sampling,  # type: ignore[arg-type]

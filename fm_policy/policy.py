@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,53 +28,56 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import fm_policy
-from fm_policy.checkpoint import CheckpointError, verify_checkpoint_dir, write_checkpoint_dir
-from fm_policy.config import ConfigError, config_from_dict
+from fm_policy.checkpoint import CheckpointError, write_checkpoint_dir
+from fm_policy.config import ConfigError
 from fm_policy.normalizer import Normalizer
 
 CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = "config.json", "model.safetensors", "normalizer.safetensors"
 
 
-@dataclass
-class NetworkConfig:
-    """Velocity / noise network. `unet1d`: diffusion_policy's conditional 1-D U-Net; `mlp`: for small problems."""
+V1_FLAT_FIELDS = frozenset({
+    "time_sampling", "time_logit_mean", "time_logit_std", "time_beta_alpha", "time_beta_beta", "solver",
+    "num_train_timesteps", "beta_schedule", "diffusion_sampler", "clip_sample",
+})
+"""Fields of the one flat policy config that checkpoints of fm-policy <= 0.1.0 (config.json without "format")
+hold for every type; `PolicyConfig.migrate_v1` drops the ones that belong to other types."""
 
-    kind: str = "unet1d"
-    down_dims: list[int] = field(default_factory=lambda: [32, 64, 128])
-    kernel_size: int = 5
-    n_groups: int = 8
-    hidden_dims: list[int] = field(default_factory=lambda: [512, 512, 512])
-    time_embed_dim: int = 64
+CONFIG_FORMAT = 2  # config.json layout: 2 = one config class per policy type (absent = the flat format 1)
 
 
 @dataclass
 class PolicyConfig:
-    type: str = "flow"  # flow | ddpm (the Diffusion Policy baseline)
+    """What every policy type shares: horizons, network, normalisation, the deployment sampler, and the data shapes.
+
+    Each policy type subclasses this with its own fields (`FlowPolicyConfig`, `DiffusionPolicyConfig`, ...) and its
+    own defaults for `type` and `solver`; `fm_policy.factory` maps `type` to the config and policy classes, so a
+    YAML file with a key the chosen type does not have fails with the valid keys listed.
+
+    `network` is the velocity network's own settings (`kind` plus the fields of that network's config dataclass in
+    `fm_policy.networks`), kept as a mapping so the networks' configs are written once; a saved policy records the
+    fully resolved settings. `solver` and `num_inference_steps` are how the policy is meant to be deployed: every
+    consumer (select_action, eval, serve, export) uses them unless told otherwise.
+    """
+
+    type: str = ""
     n_obs_steps: int = 2
     horizon: int = 16
     n_action_steps: int = 8
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: dict[str, Any] = field(default_factory=lambda: {"kind": "unet1d"})
     normalization: dict[str, str] = field(default_factory=dict)  # key -> minmax | zscore | identity (default minmax)
-    # flow matching (type: flow)
-    time_sampling: str = "uniform"  # uniform | logit_normal | beta (see fm_policy.flow_matching.TimeSampler)
-    time_logit_mean: float = 0.0
-    time_logit_std: float = 1.0
-    time_beta_alpha: float = 1.0
-    time_beta_beta: float = 1.5
-    solver: str = "euler"  # euler | midpoint | rk4 | dopri5 ...
-    num_inference_steps: int = 8  # flow: ODE steps; ddpm: sampler steps
-    # diffusion baseline (type: ddpm)
-    num_train_timesteps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"
-    diffusion_sampler: str = "ddim"  # ddpm | ddim
-    clip_sample: bool = True
+    solver: str = ""
+    num_inference_steps: int = 8
     # filled in from the data when a policy is built for training; saved with it
     obs_shapes: dict[str, list[int]] = field(default_factory=dict)
     action_dim: int = 0
 
     def validate(self) -> None:
-        if self.type not in POLICY_NAMES:
-            raise ConfigError(f"policy.type '{self.type}' is unknown; choose one of {list(POLICY_NAMES)}")
+        own_type = type(self).__dataclass_fields__["type"].default
+        if self.type != own_type:
+            raise ConfigError(f"policy.type '{self.type}' does not match the config class {type(self).__name__} "
+                              f"(type '{own_type}'); build a config of another type with "
+                              "fm_policy.factory.policy_config_class(name), or load YAML with "
+                              "fm_policy.train.load_train_config, which picks the class from policy.type")
         if not 1 <= self.n_obs_steps <= self.horizon:
             raise ConfigError(f"policy.n_obs_steps={self.n_obs_steps} must be in [1, horizon={self.horizon}]")
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
@@ -84,54 +87,80 @@ class PolicyConfig:
             )
         if self.num_inference_steps < 1:
             raise ConfigError(f"policy.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if not isinstance(self.network, Mapping) or "kind" not in self.network:
+            raise ConfigError(f"policy.network must be a mapping with a 'kind' (unet1d | mlp), got {self.network!r}")
+        if "time_scale" in self.network:
+            raise ConfigError("policy.network.time_scale is set by the policy type (flow time or diffusion steps); "
+                              "remove it from the config")
 
+    @classmethod
+    def migrate_v1(cls, values: dict[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """A format-1 (flat) saved config as this class's fields: the network keeps only its kind's settings, and
+        fields of other policy types are dropped. Subclasses rename what they renamed."""
+        from fm_policy.networks import VELOCITY_NETS
 
-POLICY_NAMES = ("flow", "ddpm", "flow_residual")  # flow_residual: fm_policy.finetune.residual
-POLICY_TYPES: dict[str, type[BasePolicy]] = {}  # filled by the policy modules' @register_policy
-
-
-def register_policy(name: str):
-    def decorate(cls: type[BasePolicy]) -> type[BasePolicy]:
-        POLICY_TYPES[name] = cls
-        return cls
-
-    return decorate
+        values = {k: v for k, v in values.items() if k not in V1_FLAT_FIELDS or k in cls.__dataclass_fields__}
+        network = dict(values.get("network") or {"kind": "unet1d"})
+        kind = network.get("kind", "unet1d")
+        if kind in VELOCITY_NETS:
+            allowed = set(VELOCITY_NETS[kind][1].__dataclass_fields__) - {"time_scale"}
+            network = {"kind": kind, **{k: v for k, v in network.items() if k in allowed}}
+        values["network"] = network
+        return values
 
 
 class BasePolicy(nn.Module):
-    """Observation handling, normalisation, queues and persistence; subclasses add the generative model."""
+    """Observation handling, normalisation, queues and persistence; subclasses add the generative model.
+
+    A policy type is a subclass that sets the class attributes below and implements `_loss` and `_sample`;
+    registering it with `fm_policy.factory.register_policy_type` makes configs, checkpoints, the CLI, the harness,
+    the server and export find it by `name`. Code elsewhere asks these attributes, never the type's name.
+    """
+
+    name: ClassVar[str] = ""
+    """The `type` written in configs and checkpoints."""
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
+    solvers: ClassVar[tuple[str, ...]] = ()
+    """Every `solver` the type's sampler accepts (the first is the default)."""
+    fixed_cost_solvers: ClassVar[tuple[str, ...]] = ()
+    """The solvers whose cost is fixed by `num_steps` (no adaptive step control): what a server may offer clients."""
+    time_scale: ClassVar[float] = 1000.0
+    """What the network's time embedding multiplies the sampler's time by: 1000 for flow time in [0, 1]."""
+    supports_fused_export: ClassVar[bool] = False
+    """Whether `fm_policy.deploy.export` can fuse the whole few-step sampler into one graph for this type."""
 
     config: PolicyConfig
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer):
         super().__init__()
-        from fm_policy.networks import LowDimObsEncoder, build_velocity_net
+        from fm_policy.networks import LowDimObsEncoder, build_velocity_net, settings_for_kind
 
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"a {type(self).__name__} needs a {self.config_class.__name__}, got "
+                              f"{type(config).__name__} (type '{config.type}')")
         config.validate()
+        if config.solver not in self.solvers:
+            raise ConfigError(f"policy.solver '{config.solver}' is unknown for policy type '{self.name}'; choose one "
+                              f"of {list(self.solvers)}")
         if not config.obs_shapes or config.action_dim < 1:
             raise ConfigError("policy config lacks obs_shapes/action_dim; build policies with make_policy(config, data)")
-        self.config = config
         self.normalizer = normalizer
         self.obs_shapes = {k: tuple(v) for k, v in sorted(config.obs_shapes.items())}
         self.encoder = LowDimObsEncoder(self.obs_shapes, config.n_obs_steps)
-        net = config.network
-        self.net = build_velocity_net(
-            net.kind,
-            horizon=config.horizon,
-            action_dim=config.action_dim,
-            cond_dim=self.encoder.output_dim,
-            **self._network_kwargs(net, config.type),
-        )
+        settings = settings_for_kind(config.network["kind"],
+                                     {k: v for k, v in config.network.items() if k != "kind"})
+        try:
+            self.net = build_velocity_net(config.network["kind"], horizon=config.horizon,
+                                          action_dim=config.action_dim, cond_dim=self.encoder.output_dim,
+                                          time_scale=self.time_scale, **settings)
+        except ValueError as exc:
+            raise ConfigError(f"policy.network: {exc}") from None
+        # the saved config names every network setting, defaults included, so a checkpoint never depends on
+        # what a later version's defaults are
+        resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.net.config).items()
+                    if k != "time_scale"}
+        self.config = replace(config, network={"kind": config.network["kind"], **resolved})
         self.reset()
-
-    @staticmethod
-    def _network_kwargs(net: NetworkConfig, policy_type: str) -> dict[str, Any]:
-        # flow time t in [0, 1] is embedded as 1000 t; the DDPM baseline passes integer steps 0..99 unscaled
-        common = {"time_embed_dim": net.time_embed_dim, "time_scale": 1.0 if policy_type == "ddpm" else 1000.0}
-        if net.kind == "unet1d":
-            return {"down_dims": tuple(net.down_dims), "kernel_size": net.kernel_size, "n_groups": net.n_groups,
-                    **common}
-        return {"hidden_dims": tuple(net.hidden_dims), **common}
 
     @property
     def n_obs_steps(self) -> int:
@@ -177,12 +206,18 @@ class BasePolicy(nn.Module):
         return self.encoder(normalized)
 
     # ---------------------------------------------------------------- training
-    def compute_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Loss on a batch of windows: obs keys (B, n_obs_steps, ...), 'action' (B, horizon, A), optional mask."""
+    def prepare_batch(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A batch of windows as the generative model sees it: (normalised actions (B, horizon, A), observation
+        condition (B, cond_dim), pad mask (B, horizon) or None), all on the policy's device. Every training
+        objective (pre-training, MLE, GFT) starts here, so they agree on normalisation and masking."""
         cond = self.encode_obs({k: batch[k] for k in self.obs_shapes})
         actions = self.normalizer.normalize("action", batch["action"].to(self.device, torch.float32))
         mask = batch.get("pad_mask")
-        return self._loss(actions, cond, mask.to(self.device) if mask is not None else None)
+        return actions, cond, mask.to(self.device) if mask is not None else None
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Loss on a batch of windows: obs keys (B, n_obs_steps, ...), 'action' (B, horizon, A), optional mask."""
+        return self._loss(*self.prepare_batch(batch))
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.compute_loss(batch)
@@ -244,17 +279,23 @@ class BasePolicy(nn.Module):
         return self._action_queue.popleft()
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
-        """config.json + model.safetensors + normalizer.safetensors. `atomic`: write aside, seal, rename."""
+    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True,
+                        extra_files: Callable[[Path], None] | None = None) -> Path:
+        """config.json + model.safetensors + normalizer.safetensors. `atomic`: write aside, seal, rename.
+
+        `extra_files(folder)` writes what a caller keeps beside the policy (a fine-tuning objective's state) into
+        the same folder before it is sealed, so the extra files are covered by the same manifest."""
 
         def write(folder: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
-            meta = {"fm_policy_version": fm_policy.__version__, "policy": asdict(self.config)}
+            meta = {"format": CONFIG_FORMAT, "fm_policy_version": fm_policy.__version__, "policy": asdict(self.config)}
             (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                        if not k.startswith("normalizer.")}
             save_file(weights, folder / WEIGHTS_FILE)
             self.normalizer.save(folder / NORMALIZER_FILE)
+            if extra_files is not None:
+                extra_files(folder)
 
         if atomic:
             return write_checkpoint_dir(directory, write)
@@ -275,25 +316,18 @@ class BasePolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> BasePolicy:
-        """Rebuild a saved policy (of whichever type it was saved as) and load its weights."""
+        """Rebuild a saved policy and load its weights.
+
+        `BasePolicy.from_pretrained` (and `fm_policy.factory.load_policy`) rebuild whichever type was saved;
+        `FlowPolicy.from_pretrained` also checks that the saved type is a `FlowPolicy` (or a subclass of it)."""
+        from fm_policy.factory import policy_class, read_policy_config
+
         directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: no such directory (a checkpoint still being written appears only "
-                                  "when complete)")
-        for sealed in (directory, directory.parent):  # a policy saved alone, or inside a training checkpoint
-            if (sealed / "manifest.json").exists():
-                verify_checkpoint_dir(sealed)
-                break
-        try:
-            meta = json.loads((directory / CONFIG_FILE).read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a saved policy") from None
-        except ValueError as exc:
-            raise CheckpointError(f"{directory}/{CONFIG_FILE}: not valid JSON ({exc})") from None
-        config = config_from_dict(PolicyConfig, meta["policy"], f"{directory}/{CONFIG_FILE}")
-        policy_cls = POLICY_TYPES.get(config.type)
-        if policy_cls is None:
-            raise CheckpointError(f"{directory}: unknown policy type '{config.type}'")
+        config = read_policy_config(directory)
+        policy_cls = policy_class(config.type)
+        if not issubclass(policy_cls, cls):
+            raise CheckpointError(f"{directory} holds a '{config.type}' policy ({policy_cls.__name__}), which is not "
+                                  f"a {cls.__name__}; load it with fm_policy.factory.load_policy")
         normalizer = Normalizer.load(directory / NORMALIZER_FILE)
         policy = policy_cls(config, normalizer).to(device)
         policy.load_weights(directory)
@@ -304,23 +338,3 @@ class BasePolicy(nn.Module):
 def fit_normalizer(config: PolicyConfig, arrays: Mapping[str, np.ndarray]) -> Normalizer:
     keys = [*config.obs_shapes, "action"]
     return Normalizer.fit({k: arrays[k] for k in keys}, {k: config.normalization.get(k, "minmax") for k in keys})
-
-
-def make_policy(config: PolicyConfig, arrays: Mapping[str, np.ndarray], obs_keys: list[str]) -> BasePolicy:
-    """Build a policy for training: shapes and normaliser come from the (in-memory) training arrays."""
-    import fm_policy.ddpm_policy  # noqa: F401  (registers 'ddpm')
-    import fm_policy.flow_policy  # noqa: F401  (registers 'flow')
-
-    config.validate()
-    config.obs_shapes = {k: list(arrays[k].shape[1:]) for k in obs_keys}
-    config.action_dim = int(arrays["action"].shape[-1])
-    return POLICY_TYPES[config.type](config, fit_normalizer(config, arrays))
-
-
-def load_policy(directory: str | os.PathLike, device: str | torch.device = "cpu") -> BasePolicy:
-    """Load any saved policy (flow, ddpm, or a fine-tuned flow_residual)."""
-    import fm_policy.ddpm_policy  # noqa: F401
-    import fm_policy.finetune.residual  # noqa: F401  (registers 'flow_residual')
-    import fm_policy.flow_policy  # noqa: F401
-
-    return BasePolicy.from_pretrained(directory, device)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fm_policy.config import load_config
 from fm_policy.datasets.collect import CollectConfig, collect
-from fm_policy.train import TrainConfig, train
+from fm_policy.train import load_train_config, train
 
 DATA = "data/quickstart_pusht.zarr"
 
@@ -35,7 +34,7 @@ def quickstart(episodes: int = 50, steps: int = 2000, eval_episodes: int = 20, w
         summary = collect(CollectConfig(env="pusht", episodes=episodes, out=DATA, workers=workers))
         print(f"      {summary['episodes']} episodes, {summary['steps']} steps in {summary['seconds']:.0f} s")
 
-    config = load_config(TrainConfig, "quickstart", [f"data.path={DATA}", f"loop.steps={steps}"])
+    config = load_train_config("quickstart", [f"data.path={DATA}", f"loop.steps={steps}"])
     print(f"[2/3] training a flow policy for {steps} steps (run dir {config.run_dir})")
     checkpoint = train(config)
 

@@ -50,48 +50,6 @@ class SolveResult:
     times: Tensor | None = None  # (num_steps + 1,)
 
 
-@dataclass
-class SolverConfig:
-    """How a policy integrates its field: method, steps for fixed-step methods, tolerances for adaptive ones."""
-
-    method: str = "euler"
-    num_steps: int = 10
-    rtol: float = 1e-5
-    atol: float = 1e-5
-
-    def __post_init__(self) -> None:
-        _check_method(self.method)
-        _check_steps(self.num_steps)
-
-    @property
-    def nfe(self) -> int | None:
-        """NFE of one solve, known in advance for fixed-step methods (None for adaptive ones)."""
-        return STAGES[self.method] * self.num_steps if self.method in STAGES else None
-
-    def solve(
-        self,
-        velocity_fn: VelocityFn,
-        x0: Tensor,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        return_trajectory: bool = False,
-        inplace: bool | None = None,
-    ) -> SolveResult:
-        """`solve` with this configuration (see there)."""
-        return solve(
-            velocity_fn,
-            x0,
-            method=self.method,
-            num_steps=self.num_steps,
-            t0=t0,
-            t1=t1,
-            rtol=self.rtol,
-            atol=self.atol,
-            return_trajectory=return_trajectory,
-            inplace=inplace,
-        )
-
-
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown ODE method '{method}'; choose one of {METHODS}")

@@ -19,10 +19,13 @@ from typing import Any
 import torch
 import yaml
 
-from fm_policy.config import ConfigError, config_to_yaml, load_config
+from fm_policy.config import ConfigError, config_to_yaml, load_config, peek_config_value
 from fm_policy.datasets.policy_data import DataConfig, build_policy_data
-from fm_policy.policy import PolicyConfig, make_policy
+from fm_policy.factory import make_policy, policy_config_class
+from fm_policy.flow_policy import FlowPolicyConfig
+from fm_policy.policy import PolicyConfig
 from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, Trainer, latest_checkpoint, seed_everything
+from fm_policy.versions import hardware_summary
 
 
 @dataclass
@@ -41,7 +44,7 @@ class EvalConfig:
 class TrainConfig:
     run_dir: str = "runs/pusht_flow"
     data: DataConfig = field(default_factory=DataConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy: PolicyConfig = field(default_factory=FlowPolicyConfig)  # the class of the chosen policy.type
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -83,7 +86,7 @@ def train(config: TrainConfig) -> Path:
     n_params = sum(p.numel() for p in policy.parameters())
     return run_trainer(
         policy, data, config,
-        describe=f"policy {policy_cfg.type}/{policy_cfg.network.kind}: {n_params / 1e6:.2f} M parameters; "
+        describe=f"policy {policy_cfg.type}/{policy_cfg.network['kind']}: {n_params / 1e6:.2f} M parameters; "
                  f"{len(data.train)} training windows from {int(data.train_mask.sum())} episodes of {data.source}",
     )
 
@@ -112,21 +115,13 @@ def run_trainer(policy, data, config, describe: str, session_extra: dict | None 
         "steps": [first_step, trainer.step], "seconds": round(seconds, 1),
         "steps_per_s": round((trainer.step - first_step) / max(seconds, 1e-9), 2),
         "batch_size": config.loop.batch_size, "parameters": sum(p.numel() for p in policy.parameters()),
-        "device": str(trainer.accelerator.device), "hardware": _hardware(trainer.accelerator.device),
+        "device": str(trainer.accelerator.device), "hardware": hardware_summary(trainer.accelerator.device),
         "torch_threads": torch.get_num_threads(),
         "final_train_loss": history["loss"][-1] if history["loss"] else None, **(session_extra or {}),
     })
     final = latest_checkpoint(run_dir)
     assert final is not None
     return final
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from fm_policy.eval.bench_common import cpu_name
-
-    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def _append_session(run_dir: Path, session: dict) -> None:
@@ -167,9 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A `TrainConfig` from YAML + overrides, its `policy` section typed by the config class of `policy.type`
+    (so a key another policy type has, or a misspelt one, is reported with the valid keys)."""
+    policy_type = peek_config_value(path, overrides, "policy.type") or FlowPolicyConfig().type
+    config_cls = policy_config_class(str(policy_type))
+    return load_config(TrainConfig, path, overrides, defaults=TrainConfig(policy=config_cls()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = load_config(TrainConfig, args.config, args.overrides)
+    config = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(config_to_yaml(config))
         return 0

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from fm_policy.checkpoint import CheckpointError, verify_checkpoint_dir, write_checkpoint_dir
 from fm_policy.datasets.policy_data import PolicyData
 from fm_policy.datasets.sampler import make_dataloader
+from fm_policy.errors import UserError
 
 LATEST = "latest"
 TRAINING_STATE = "training_state.pt"
@@ -121,6 +122,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def read_run_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved config (run_dir/config.yaml, as a plain dict) of the training run that a saved policy belongs
+    to: `run_dir/checkpoints/step_N/{policy,ema}` or `run_dir/checkpoints/step_N`. None for a policy saved on its
+    own. Fine-tuning reads the pre-training data section from it; analysis tools read the store it trained on."""
+    import yaml
+
+    for parent in list(Path(checkpoint_dir).resolve().parents)[:4]:
+        path = parent / "config.yaml"
+        if path.exists() and (parent / "checkpoints").is_dir():
+            return yaml.safe_load(path.read_text())
+    return None
+
+
 class Trainer:
     """Owns one training run: data, policy, optimisation state and the run directory."""
 
@@ -168,7 +182,7 @@ class Trainer:
         self.step = 0
         self.batches_per_epoch = len(data.train) // loop.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"batch_size {loop.batch_size} exceeds the {len(data.train)} training windows in {data.source}"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)

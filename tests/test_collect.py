@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from fm_policy.cli import main
 from fm_policy.datasets import collect as collect_module
 from fm_policy.datasets.collect import CollectConfig, collect
 from fm_policy.datasets.replay_buffer import ReplayBuffer
+
+from fm_policy.cli import main
 
 pytestmark = pytest.mark.slow
 SEED = 3  # env seeds 3, 4, 5: the expert solves them in ~100 steps each

@@ -11,10 +11,10 @@ import torch
 from tiny_flow import tiny_state_store
 
 from fm_policy.finetune.contraction import analyze_flow, analyze_policy, perturbation_test
-from fm_policy.finetune.residual import ResidualConfig, ResidualFlowPolicy
-from fm_policy.flow_policy import FlowPolicy
+from fm_policy.flow_policy import FlowPolicy, FlowPolicyConfig
+from fm_policy.networks.residual import ResidualConfig
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import NetworkConfig, PolicyConfig
+from fm_policy.residual_policy import ResidualFlowPolicy
 
 torch.set_num_threads(1)
 
@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 def _base_policy(seed: int = 0) -> FlowPolicy:
     """A flow policy shaped for the tiny store below: state (5,), 2-D actions, horizon 8."""
     torch.manual_seed(seed)
-    config = PolicyConfig(type="flow", n_obs_steps=2, horizon=8, n_action_steps=4, num_inference_steps=8,
-                          network=NetworkConfig(kind="mlp", hidden_dims=[32, 32], time_embed_dim=16),
+    config = FlowPolicyConfig(n_obs_steps=2, horizon=8, n_action_steps=4, num_inference_steps=8,
+                          network={"kind": "mlp", "hidden_dims": [32, 32], "time_embed_dim": 16},
                           obs_shapes={"state": [5]}, action_dim=2)
     rng = np.random.default_rng(seed)
     normalizer = Normalizer.fit({"state": rng.uniform(100, 400, (50, 5)).astype(np.float32),

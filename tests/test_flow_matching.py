@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from fm_policy.flow_matching import (
-    FlowMatchingConfig,
     LinearPath,
     TimeSampler,
     flow_matching_loss,
@@ -100,14 +99,14 @@ def test_sample_noise_is_gaussian() -> None:
     assert torch.equal(z, sample_noise((20000,), generator=torch.Generator().manual_seed(0)))
 
 
-def test_config_training_batch_is_consistent() -> None:
-    cfg = FlowMatchingConfig(time_sampler={"kind": "beta", "eps": 1e-3})  # a dict, as from YAML
-    assert cfg.time_sampler == TimeSampler("beta", eps=1e-3)
+def test_linear_path_interpolates_and_targets_the_difference() -> None:
     x1 = torch.randn(5, 8, 2)
-    batch = cfg.training_batch(x1, generator=torch.Generator().manual_seed(0))
-    tt = batch.t[:, None, None]
-    torch.testing.assert_close(batch.x_t, (1 - tt) * batch.noise + tt * x1)
-    torch.testing.assert_close(batch.target_velocity, x1 - batch.noise)
+    noise = sample_noise(x1.shape, generator=torch.Generator().manual_seed(0))
+    t = TimeSampler("beta", eps=1e-3).sample(5, generator=torch.Generator().manual_seed(1))
+    x_t, target = LinearPath().sample(x1, t, noise)
+    tt = t[:, None, None]
+    torch.testing.assert_close(x_t, (1 - tt) * noise + tt * x1)
+    torch.testing.assert_close(target, x1 - noise)
 
 
 @pytest.mark.parametrize("num_steps", [1, 3, 10])

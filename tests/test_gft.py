@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from fm_policy.datasets.replay_buffer import ReplayBuffer
+from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 from fm_policy.config import ConfigError, load_config
+from fm_policy.factory import load_policy
 from fm_policy.finetune.gft import SCHEDULES, GFTConfig, GFTFinetunePolicy, gft_finetune_policy, gft_weight
 from fm_policy.finetune.run import FinetuneConfig, finetune
 from fm_policy.flow_matching import LinearPath
 from fm_policy.flow_policy import FlowPolicy
-from fm_policy.policy import load_policy
-from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 torch.set_num_threads(1)
 

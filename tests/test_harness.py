@@ -10,12 +10,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from gymnasium import spaces
-
 from fm_policy.envs import make_env, register_env
 from fm_policy.eval.harness import ChunkPolicy, EvalReport, evaluate, setting_label
 from fm_policy.eval.metrics import wilson_interval
 from fm_policy.eval.report import markdown_table, write_report
+from gymnasium import spaces
 
 # ---------------------------------------------------------------------------------------------------------------
 # Policies following the protocol

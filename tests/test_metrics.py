@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from fm_policy.eval.metrics import (
     Estimate,
     coverage_score,

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 from fm_policy.config import ConfigError, load_config
+from fm_policy.factory import load_policy
 from fm_policy.finetune.mle import OBJECTIVE_FILE, MLEConfig, MLEFinetunePolicy, mle_finetune_policy
-from fm_policy.finetune.residual import ResidualConfig, ResidualFlowPolicy
 from fm_policy.finetune.run import FinetuneConfig, finetune
-from fm_policy.flow_policy import FlowPolicy
+from fm_policy.flow_policy import FlowPolicy, FlowPolicyConfig
+from fm_policy.networks.residual import ResidualConfig
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import NetworkConfig, PolicyConfig, load_policy
+from fm_policy.residual_policy import ResidualFlowPolicy
 from fm_policy.solvers import solve
-from tiny_flow import pretrain_tiny_flow, tiny_state_store
 
 torch.set_num_threads(1)
 
@@ -39,8 +40,8 @@ def toy_flow() -> FlowPolicy:
     """A tiny flow policy trained for 300 steps on the toy problem (~2 s)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    config = PolicyConfig(type="flow", n_obs_steps=1, horizon=1, n_action_steps=1,
-                          network=NetworkConfig(kind="mlp", hidden_dims=[64, 64], time_embed_dim=16),
+    config = FlowPolicyConfig(n_obs_steps=1, horizon=1, n_action_steps=1,
+                          network={"kind": "mlp", "hidden_dims": [64, 64], "time_embed_dim": 16},
                           obs_shapes={"state": [1]}, action_dim=2)
     fit = _toy_batch(2000, generator)
     normalizer = Normalizer.fit({"state": fit["state"][:, 0].numpy(), "action": fit["action"][:, 0].numpy()})
@@ -118,7 +119,7 @@ def test_contracting_residual_reduces_two_step_reconstruction_error(toy_flow, ki
 
 
 def test_contracting_residual_cannot_fix_one_step_decoding_but_a_free_one_can(toy_flow):
-    """Pins the limitation documented in fm_policy.finetune.residual: the 1-step decode z -> z + v(0, z) of the
+    """Pins the limitation documented in fm_policy.networks.residual: the 1-step decode z -> z + v(0, z) of the
     pre-trained flow is nearly constant (about the conditional mean), the needed correction is an expansion, and a
     residual with mu(dr/dx) <= 0 can only remove expansion. An unconstrained residual fixes it at once."""
     assert _gain(toy_flow, "residual", "monotone", decode_steps=1, steps=40, lr=1e-2) > 0.8
@@ -253,6 +254,7 @@ def test_finetune_and_analyze_flow_through_the_cli(pretrained, tmp_path, capsys)
 def test_cached_codes_are_the_inversions_and_are_reused(pretrained, tmp_path):
     """The code cache holds exactly what on-the-fly inversion gives each window, and a resumed run reuses it."""
     from fm_policy.datasets.policy_data import build_policy_data
+
     from fm_policy.finetune.codes import CODES_FILE
     from fm_policy.finetune.run import build_finetune_policy, resolve_data_config
 
@@ -272,3 +274,33 @@ def test_cached_codes_are_the_inversions_and_are_reused(pretrained, tmp_path):
     torch.testing.assert_close(codes[:5], fresh, rtol=1e-5, atol=1e-5)
     finetune(_ft_config(pretrained, tmp_path / "run", "loop.steps=6"))  # resume: same fingerprint, cache reused
     assert cache.stat().st_mtime_ns == stamp
+
+
+def test_finetuned_policy_deploys_at_its_tuned_step_count(pretrained, tmp_path, capsys):
+    """A model tuned through a 2-step sampler is saved as a 2-step policy: select_action, the harness, the server
+    spec and analyze-flow all default to 2 steps (the pre-trained policy's default is 8)."""
+    from fm_policy.eval.run import evaluate_policy
+
+    from fm_policy.cli import main
+    from fm_policy.deploy.protocol import spec_from_policy
+
+    assert load_policy(pretrained).config.num_inference_steps == 8
+    checkpoint = finetune(_ft_config(pretrained, tmp_path / "two", "mle.decode_steps=2", "loop.steps=3"))
+    policy = load_policy(checkpoint / "ema")
+    assert (policy.config.num_inference_steps, policy.config.solver) == (2, "euler")
+    used: list[int] = []
+    sample = policy._sample
+    policy._sample = lambda cond, steps, solver, noise: used.append(steps) or sample(cond, steps, solver, noise)
+    policy.reset()
+    policy.select_action({"state": torch.rand(1, 5) * 300 + 100})
+    evaluate_policy(policy, "pusht", {"max_episode_steps": 8}, n_episodes=1, progress=False)
+    assert used and set(used) == {2}, used
+    assert spec_from_policy(policy).num_steps == 2
+    capsys.readouterr()
+    assert main(["analyze-flow", "--checkpoint", str(checkpoint / "ema"), "--n", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_steps"] == 2
+    with pytest.raises(ConfigError, match="mle.deploy_steps"):
+        finetune(_ft_config(pretrained, tmp_path / "any", "mle.decode_steps_choices=[1,2]"))
+    any_step = finetune(_ft_config(pretrained, tmp_path / "any", "mle.decode_steps_choices=[1,2]",
+                                   "mle.deploy_steps=1", "loop.steps=3"))
+    assert load_policy(any_step / "ema").config.num_inference_steps == 1

@@ -7,9 +7,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-from gymnasium import spaces
-
 from fm_policy.envs import MultiStepWrapper
+from gymnasium import spaces
 
 
 class CountingEnv(gym.Env):

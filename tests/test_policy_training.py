@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fm_policy.datasets.replay_buffer import ReplayBuffer
 
 from fm_policy.checkpoint import CheckpointError
-from fm_policy.config import ConfigError, load_config
-from fm_policy.datasets.replay_buffer import ReplayBuffer
-from fm_policy.policy import load_policy
-from fm_policy.train import TrainConfig, train
+from fm_policy.config import ConfigError
+from fm_policy.factory import load_policy
+from fm_policy.train import TrainConfig, load_train_config, train
 from fm_policy.trainer import latest_checkpoint
 
 
@@ -33,8 +33,7 @@ def store(tmp_path_factory) -> str:
 
 
 def _config(store: str, run_dir: Path, *overrides: str) -> TrainConfig:
-    return load_config(
-        TrainConfig,
+    return load_train_config(
         None,
         [
             f"data.path={store}",

@@ -11,7 +11,6 @@ pytest.importorskip("gym_pusht")
 import gym_pusht  # noqa: E402,F401  (registers gym_pusht/PushT-v0)
 import gymnasium as gym  # noqa: E402
 import shapely.geometry as sg  # noqa: E402
-
 from fm_policy.datasets.experts.pusht import (  # noqa: E402
     T_BOXES,
     T_OUTLINE,

@@ -10,7 +10,6 @@ import numcodecs
 import numpy as np
 import pytest
 import zarr
-
 from fm_policy.datasets.errors import DatasetError
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 
@@ -241,3 +240,26 @@ def test_create_refuses_to_overwrite(tmp_path):
     _write_buffer(path)
     with pytest.raises(FileExistsError):
         ReplayBuffer.create(path)
+
+
+def test_corrupt_chunk_is_reported_with_store_key_and_chunk(tmp_path, capsys):
+    """A truncated chunk file (an interrupted download) is a user error naming the store, the key and the chunk,
+    from the library, from `dataset validate` and from training; never a codec traceback."""
+    from fm_policy.cli import main
+
+    path = tmp_path / "broken.zarr"
+    buffer = ReplayBuffer.create(str(path))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        buffer.add_episode({"state": rng.normal(size=(50, 5)).astype(np.float32),
+                            "action": rng.normal(size=(50, 2)).astype(np.float32)})
+    buffer.close()
+    chunk = next(p for p in sorted((path / "data" / "action").iterdir()) if not p.name.startswith("."))
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
+    with ReplayBuffer.open(str(path), check_finite=False) as opened:
+        with pytest.raises(DatasetError, match=r"data/action.*chunk 0 \(rows 0-") as info:
+            opened.load(["action"])
+    assert str(path) in str(info.value) and "corrupt" in str(info.value)
+    assert main(["dataset", "validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data/action" in err[0] and "chunk 0" in err[0], err

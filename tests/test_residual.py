@@ -11,16 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fm_policy.factory import load_policy
 from fm_policy.finetune.contraction import sym_jacobian_max_eig
-from fm_policy.finetune.residual import (
-    RESIDUAL_POLICY_TYPE,
-    ResidualConfig,
-    ResidualFlowPolicy,
-    build_residual,
-)
-from fm_policy.flow_policy import FlowPolicy
+from fm_policy.flow_policy import FlowPolicy, FlowPolicyConfig
+from fm_policy.networks.residual import ResidualConfig, build_residual
 from fm_policy.normalizer import Normalizer
-from fm_policy.policy import NetworkConfig, PolicyConfig, load_policy
+from fm_policy.residual_policy import ResidualFlowPolicy
 
 torch.set_num_threads(1)
 HORIZON, ACTION_DIM, COND_DIM = 4, 2, 3
@@ -37,8 +33,8 @@ def _perturb(module: torch.nn.Module, scale: float, seed: int) -> None:
 
 def _base_policy(seed: int = 0) -> FlowPolicy:
     torch.manual_seed(seed)
-    config = PolicyConfig(type="flow", n_obs_steps=2, horizon=HORIZON, n_action_steps=2,
-                          network=NetworkConfig(kind="mlp", hidden_dims=[32, 32], time_embed_dim=16),
+    config = FlowPolicyConfig(n_obs_steps=2, horizon=HORIZON, n_action_steps=2,
+                          network={"kind": "mlp", "hidden_dims": [32, 32], "time_embed_dim": 16},
                           obs_shapes={"state": [COND_DIM]}, action_dim=ACTION_DIM)
     rng = np.random.default_rng(seed)
     normalizer = Normalizer.fit({"state": rng.uniform(0, 5, (50, COND_DIM)).astype(np.float32),
@@ -152,7 +148,7 @@ def test_residual_policy_saves_and_loads_with_its_residual_config(tmp_path):
     _perturb(policy.residual, 0.3, 1)
     policy.save_pretrained(tmp_path / "res")
     meta = json.loads((tmp_path / "res" / "config.json").read_text())
-    assert meta["policy"]["type"] == RESIDUAL_POLICY_TYPE and meta["residual"]["width"] == 12
+    assert meta["policy"]["type"] == ResidualFlowPolicy.name and meta["policy"]["residual"]["width"] == 12
     loaded = load_policy(tmp_path / "res")
     assert type(loaded) is ResidualFlowPolicy and loaded.residual_config == config
     obs = {"state": torch.rand(3, 2, COND_DIM) * 5}

@@ -145,10 +145,9 @@ def test_convert_open_replay_and_train(robomimic_hdf5, tmp_path, lift):
         np.testing.assert_allclose(obs["state"], episode["state"][5], atol=5e-3)
         assert list(np.asarray(buffer.meta["demo_index"])) == [0, 1, 2, 3]
 
-    from fm_policy.config import load_config
-    from fm_policy.train import TrainConfig, train
+    from fm_policy.train import load_train_config, train
 
-    config = load_config(TrainConfig, None, [
+    config = load_train_config(None, [
         f"data.path={out}", "data.obs_keys=[state]", "data.val_ratio=0.25", f"run_dir={tmp_path / 'run'}",
         "policy.network.kind=mlp", "policy.network.hidden_dims=[32,32]", "policy.network.time_embed_dim=8",
         "loop.batch_size=8", "loop.steps=4", "loop.log_every=2", "loop.val_every=4", "loop.checkpoint_every=4",

@@ -13,12 +13,13 @@ pytest.importorskip("robomimic")
 pytest.importorskip("robosuite")
 torch = pytest.importorskip("torch")
 
-from fm_policy.cli import main as cli_main  # noqa: E402
 from fm_policy.datasets.experts.robomimic import RobomimicExpert, run_episode, wrap  # noqa: E402
 from fm_policy.datasets.recorders import make_recorder  # noqa: E402
 from fm_policy.datasets.replay_buffer import ReplayBuffer  # noqa: E402
 from fm_policy.envs.registry import make_env  # noqa: E402
 from fm_policy.envs.robomimic import STATE_KEYS, RobomimicEnv  # noqa: E402
+
+from fm_policy.cli import main as cli_main  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

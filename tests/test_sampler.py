@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from fm_policy.datasets.sampler import (
     PAD_MASK_KEY,
     SequenceDataset,

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from fm_policy.config import load_config
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 
 
@@ -25,9 +23,9 @@ def tiny_state_store(path: Path, n_episodes: int = 4, shift: float = 20.0, seed:
 
 def pretrain_tiny_flow(root: Path, store: str) -> Path:
     """A flow policy (MLP, horizon 8) pre-trained for 30 steps by train(); returns its EMA folder."""
-    from fm_policy.train import TrainConfig, train
+    from fm_policy.train import load_train_config, train
 
-    config = load_config(TrainConfig, None, [
+    config = load_train_config(None, [
         f"data.path={store}", "data.obs_keys=[state]", "data.val_ratio=0.25", f"run_dir={root / 'pre'}",
         "policy.network.kind=mlp", "policy.network.hidden_dims=[32,32]", "policy.network.time_embed_dim=16",
         "policy.horizon=8", "policy.n_action_steps=4", "loop.batch_size=16", "loop.steps=30", "loop.log_every=10",

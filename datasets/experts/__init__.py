@@ -1,4 +1,4 @@
-"""Scripted / planning experts that generate demonstrations (design: /work/shared/docs/experts.md)."""
+"""Scripted / planning experts that generate demonstrations (design: docs/experts.md)."""
 
 from .kitchen import KitchenExpert, KitchenExpertConfig
 from .pusht import (

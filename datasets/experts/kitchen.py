@@ -1,4 +1,4 @@
-"""Scripted expert for the seven Franka Kitchen tasks (design: /work/shared/docs/experts.md section 3).
+"""Scripted expert for the seven Franka Kitchen tasks (design: docs/kitchen.md, "The scripted expert").
 
 No public scripted kitchen expert exists (the D4RL/Minari demos are human VR teleoperation), and FrankaKitchen-v1
 dropped its end-effector action mode, so this expert does its own inverse kinematics:
@@ -11,8 +11,8 @@ dropped its end-effector action mode, so this expert does its own inverse kinema
 - **Joint tracking with gravity compensation**: the arm's actuators are pure P position servos (torque
   kp (ctrl - q)) without gravity compensation, so the arm sags several cm below an IK target. The servo target is
   `q_ik + qfrc_bias(q_ik) / kp` (the model's gravity torques, computed on the scratch MjData), plus a clipped
-  joint-space integral while carrying the kettle (a payload the arm model does not know). experts.md's pure
-  integral (`I += 0.3 (q_ik - q)`) worked for single moves but wound up and overshot on long moves, and a moving
+  joint-space integral while carrying the kettle (a payload the arm model does not know). A pure
+  integral (`I += 0.3 (q_ik - q)`, tried first) worked for single moves but wound up and overshot on long moves, and a moving
   integral window made it task-dependent; the model term has no state. The env turns action a into the position
   target `q_observed + 2 a dt`, so the action is `(target - q_observed) / (2 dt)`, clipped to [-1, 1]. Moves hold
   their target while the EE trails it by more than `max_lag`, so the joint speed limit never builds an overshoot.

@@ -3,7 +3,7 @@
 Why a planner: Push-T has no public scripted expert, and greedy per-step optimisation (MPPI over target
 sequences) fails because the final alignment needs non-greedy repositioning moves. Planning at the level of
 *push primitives* (which edge to push, where, in which direction, how far, how fast) with the true simulator
-as the model solves it (design and prototype numbers: /work/shared/docs/experts.md, section 2).
+as the model solves it (design: docs/experts.md, "Push-T planner").
 
 One decision = one primitive:
   1. screen `n_screen` random primitives by simulating only the push (agent at rest next to the edge) in a
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-
 from fm_policy.datasets.seeds import retry_planner_seed
 
 __all__ = [

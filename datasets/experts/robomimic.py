@@ -5,7 +5,7 @@ Why waypoints and not a motion planner: these tasks are top-down pick-and-place 
 closed-loop sequence of end-effector targets (hover, descend, grasp, lift, transport, align, place, release,
 retreat) solves them reliably, runs at simulator speed, and is easy to randomise for diverse demos.
 
-Control (shared notes, experts.md 4.2-4.3): position `a[:3] = clip(gain * (target - eef) / 0.05)`, planar yaw
+Control (docs/experts.md, "robomimic waypoint experts"): position `a[:3] = clip(gain * (target - eef) / 0.05)`, planar yaw
 `a[5] = clip(2 * yaw_err / 0.5)` (positive turns the downward-pointing gripper counter-clockwise), gripper `a[6]`
 (+1 close, -1 open). A gain of ~3 removes the ~7 mm steady-state error that `err / 0.05` leaves. The position loop
 stays closed during rotations because a pure yaw command also translates the end effector.

@@ -1,4 +1,4 @@
-"""Measuring contraction and robustness of a sampler's velocity field (docs: mle_finetuning.md sections 5.2, 5.3).
+"""Measuring contraction and robustness of a sampler's velocity field (docs/finetuning.md, "Contraction and robustness analysis").
 
 Two measurements, both on the flattened action chunk x (B, d), d = horizon * action_dim:
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fm_policy.errors import UserError
 from fm_policy.flow_matching import sample_noise
 from fm_policy.solvers import solve
 
@@ -94,7 +95,7 @@ def sym_jacobian_max_eig(fn: FlatField, x: Tensor, method: str = "exact", iters:
         return torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))[:, -1].to(x.dtype)
     if method == "power":
         return _power_max_eig(fn, x, iters, generator)
-    raise ValueError(f"unknown method '{method}'; choose exact or power")
+    raise UserError(f"unknown method '{method}'; choose exact or power")
 
 
 ChunkField = Callable[[Tensor, Tensor], Tensor]  # velocity(t (B,), x (B, H, A)) -> (B, H, A)
@@ -185,7 +186,7 @@ def analyze_policy(
     rate, 0 when it has none to give). Everything is in normalised action units.
     """
     if not hasattr(policy, "velocity"):
-        raise ValueError(f"{type(policy).__name__} has no velocity field: contraction analysis is for flow policies")
+        raise UserError(f"{type(policy).__name__} has no velocity field: contraction analysis is for flow policies")
     policy.eval()
     steps = num_steps or policy.config.num_inference_steps
     method = solver or policy.config.solver
@@ -218,7 +219,7 @@ def analyze_policy(
 @torch.no_grad()
 def code_statistics(policy: torch.nn.Module, obs: Mapping[str, Tensor], actions: Tensor, solver: str = "rk4",
                     num_steps: int = 16, reference_tol: float = 1e-6) -> dict[str, float]:
-    """Noise codes of data chunks under the policy's field (what MLE fine-tuning pairs data with, notes 7.1).
+    """Noise codes of data chunks under the policy's field (what MLE fine-tuning pairs data with: docs/finetuning.md, "The inversion pairing").
 
     The (B, H, A) env-unit actions are encoded backward twice: with (solver, num_steps), the MLE encode setting, and
     with dopri5 at rtol = atol = reference_tol. Reported: `code_abs_mean` (mean |per-element mean|) and `code_std`
@@ -243,28 +244,18 @@ def code_statistics(policy: torch.nn.Module, obs: Mapping[str, Tensor], actions:
     }
 
 
-def _pretraining_run_config(checkpoint_dir: Path) -> dict | None:
-    """The config.yaml of the training run a checkpoint (run/checkpoints/step_N/{policy,ema}) belongs to."""
-    import yaml
-
-    for parent in list(checkpoint_dir.resolve().parents)[:4]:
-        path = parent / "config.yaml"
-        if path.exists():
-            return yaml.safe_load(path.read_text())
-    return None
-
-
 def _observation_batch(policy: torch.nn.Module, checkpoint_dir: Path, data_path: str | None, n: int,
                        seed: int) -> tuple[dict[str, Tensor], Tensor | None]:
     """n observation windows (and their action chunks) from the data store, or, without data, observations drawn
     uniformly inside the normaliser's fitted range (actions None)."""
     from fm_policy.datasets.policy_data import DataConfig, build_policy_data
+    from fm_policy.trainer import read_run_config
 
     data_cfg: DataConfig | None = None
     if data_path is not None:
         data_cfg = DataConfig(path=data_path)
     else:
-        run = _pretraining_run_config(checkpoint_dir)
+        run = read_run_config(checkpoint_dir)
         data = (run or {}).get("data") or {}
         if data.get("path") and os.path.exists(data["path"]):
             data_cfg = DataConfig(**{k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__})
@@ -294,7 +285,7 @@ def analyze_flow(
     drawn inside the normaliser's range (`from_data` says which: 1 or 0). With data, the Gaussianity of the data's
     noise codes (`code_*`) is reported too.
     """
-    from fm_policy.policy import load_policy
+    from fm_policy.factory import load_policy
 
     checkpoint_dir = Path(checkpoint_dir)
     policy = load_policy(checkpoint_dir, device=device)

@@ -1,8 +1,8 @@
-"""Gradual Fine-Tuning (GFT) of a pre-trained flow policy on a shifted task (docs: gradual_finetuning.md 2, 3, 6, 7).
+"""Gradual Fine-Tuning (GFT) of a pre-trained flow policy on a shifted task (docs/gft.md).
 
 Plain flow-matching fine-tuning on a few new demos regresses the field straight onto the new data's conditional
 velocity u = x1 - x0, so the first steps pull hard toward a noisy small-sample target and can wander away from what
-pre-training learned. GFT (the notes' conditional "R1" objective) regresses instead onto a blend, at the SAME noisy
+pre-training learned. GFT regresses instead onto a blend, at the SAME noisy
 point x_t, of that velocity and the frozen pre-trained field:
 
     target(x_t, t | o) = (1 - w) * (x1 - x0) + w * v_pre(x_t, t | o),    x_t = (1 - t) x0 + t x1,
@@ -13,14 +13,14 @@ fields, so the model moves from the pre-trained field toward the new task in sma
 IS plain fine-tuning, so the end point (the population optimum) is never worse than plain fine-tuning's - only the
 optimisation path differs. At w = 1 the pre-trained model itself is the minimiser (loss 0 at initialisation).
 
-Choices (the notes' section 6 recommendations):
+Choices (docs/gft.md, "What it does" and "Why it works"):
 - teacher: a frozen copy of the pre-trained policy's EMA weights (pass the checkpoint's `ema/` folder), in eval mode,
   queried under no_grad at the identical (x_t, t, o); skipped once w = 0;
 - coupling: independent (fresh N(0, I) noise per chunk), the one the policy was pre-trained with; minibatch OT is not
-  a valid coupling for a conditional policy (the notes' 7.1);
+  a valid coupling for a conditional policy (docs/gft.md, "Why it works");
 - time sampling, loss mask and loss weighting: exactly the policy's own (`FlowPolicy._loss`), drawn in the same order
   (noise, then t), so at w = 0 this loss is bit-for-bit the plain fine-tuning loss on the same random draws;
-- deterministic (ODE) training and sampling (sigma = 0): the SDE form only motivates the theory (notes 2.4).
+- deterministic (ODE) training and sampling (sigma = 0): the stochastic form only motivates the theory (docs/gft.md, "Why it works").
 
 `GFTFinetunePolicy` packages the objective as a policy-like module whose `compute_loss` is the GFT loss, so the
 package's Trainer (EMA, checkpoints, exact resume, TensorBoard) runs it unchanged; the Trainer tells it the step
@@ -47,7 +47,7 @@ SCHEDULES: tuple[str, ...] = ("linear", "cosine", "step")
 
 @dataclass
 class GFTConfig:
-    """The GFT weight schedule (defaults: the notes' 7.1 recommendation for a robot policy).
+    """The GFT weight schedule (defaults and why: docs/gft.md, "The temperature schedule").
 
     w(s) for optimizer step s of S = loop.steps, with A = anneal_fraction * S:
     - linear: w0 * (1 - s / A)
@@ -150,10 +150,7 @@ class GFTFinetunePolicy(FinetuneWrapper):
         model = self.model
         obs = {k: batch[k] for k in model.obs_shapes}
         # the same operations, in the same order, as FlowPolicy.compute_loss / _loss: equal losses at w = 0
-        cond = model.encode_obs(obs)
-        x1 = model.normalizer.normalize("action", batch["action"].to(model.device, torch.float32))
-        mask = batch.get("pad_mask")
-        mask = mask.to(model.device) if mask is not None else None
+        x1, cond, mask = model.prepare_batch(batch)
         noise = sample_noise(x1.shape, x1.device, x1.dtype)
         t = model.time_sampler.sample(x1.shape[0], x1.device).to(x1.dtype)
         x_t, u = LinearPath().sample(x1, t, noise)

@@ -1,7 +1,7 @@
-"""MLE-of-reconstructions fine-tuning (FT-FM / ResFT-FM; docs: mle_finetuning.md sections 3.2, 5.1, 6, 7).
+"""MLE-of-reconstructions fine-tuning (FT-FM / ResFT-FM; docs/finetuning.md).
 
 Flow matching regresses a velocity and never sees the integrated output, so a few-step sampler inherits the field's
-error amplified by the flow (the notes' Theorem 1). This objective trains the *deployed sampler's output* instead:
+error amplified by the flow (docs/finetuning.md, "Why fine-tune the sampler's output"). This objective trains the *deployed sampler's output* instead:
 
 1. encode: the data chunk x1 (normalised) is mapped to its noise code z by integrating the FROZEN pre-trained field
    backward, t: 1 -> 0, with an accurate solver, without gradients (pairing "inversion"; "independent" draws fresh
@@ -33,10 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fm_policy.checkpoint import CheckpointError, write_checkpoint_dir
+from fm_policy.checkpoint import CheckpointError
 from fm_policy.config import ConfigError
+from fm_policy.errors import UserError
 from fm_policy.finetune.wrapper import FinetuneWrapper
-from fm_policy.flow_matching import sample_noise
+from fm_policy.flow_matching import flow_matching_loss, masked_mean, sample_noise
 from fm_policy.flow_policy import FlowPolicy
 from fm_policy.solvers import METHODS, solve
 
@@ -48,7 +49,7 @@ OBJECTIVE_FILE = "mle_objective.safetensors"
 
 @dataclass
 class MLEConfig:
-    """Options of the MLE fine-tuning objective (defaults follow the notes' recommendations, section 3.5 / 7)."""
+    """Options of the MLE fine-tuning objective (defaults and why: docs/finetuning.md, "Defaults and why")."""
 
     pairing: str = "inversion"  # inversion (encode data with the frozen flow) | independent (fresh noise, ablation)
     encode_solver: str = "rk4"  # accurate backward solve of the frozen pre-trained field
@@ -58,6 +59,9 @@ class MLEConfig:
     decode_solver: str = "euler"  # the deployment solver ...
     decode_steps: int = 1  # ... and step count (fine-tune one model per deployed NFE)
     decode_steps_choices: list[int] = field(default_factory=list)  # non-empty: draw N per batch (any-step model)
+    # the step count the tuned policy is saved for (its num_inference_steps, what eval / serve / select_action use):
+    # decode_steps by default; an any-step model (decode_steps_choices) must name it
+    deploy_steps: int | None = None
     sigma_mode: str = "fixed"  # fixed | scalar (one learned sigma) | per_dim (one learned sigma per chunk element)
     sigma: float = 0.05  # the fixed sigma, or the learned one's initial value (actions normalised to [-1, 1])
     fm_weight: float | None = None  # lambda of the flow-matching anchor; None: 0.1 for method mle, 0 for residual
@@ -84,12 +88,22 @@ class MLEConfig:
             raise ConfigError(f"mle.trainable '{self.trainable}' is unknown; choose one of {list(TRAINABLE)}")
         if self.last_layers < 1:
             raise ConfigError(f"mle.last_layers must be >= 1, got {self.last_layers}")
+        if self.decode_steps_choices and self.deploy_steps is None:
+            raise ConfigError(f"mle.deploy_steps: a model tuned for several step counts (decode_steps_choices="
+                              f"{list(self.decode_steps_choices)}) must name the one it is deployed with, e.g. "
+                              f"mle.deploy_steps={min(self.decode_steps_choices)}")
+        if self.deploy_steps is not None and self.deploy_steps < 1:
+            raise ConfigError(f"mle.deploy_steps must be >= 1, got {self.deploy_steps}")
+
+    @property
+    def deployment_steps(self) -> int:
+        return self.decode_steps if self.deploy_steps is None else self.deploy_steps
 
 
 class GaussianReconstructionNLL(nn.Module):
     """Per-element Gaussian NLL 0.5 ((x1 - x_hat) / sigma)^2 + log sigma (no 0.5 log 2 pi), over real elements.
 
-    The per-element mean (not the per-chunk sum of the notes' formula) keeps the loss scale independent of the chunk
+    The per-element mean (not a per-chunk sum) keeps the loss scale independent of the chunk
     size, so one learning rate / gradient clip fits Push-T and larger action spaces alike. With a fixed sigma it is
     MSE / (2 sigma^2) + const; a learned sigma (scalar, or one per chunk element) converges to the RMS error there
     and re-weights the elements by their noise level.
@@ -113,19 +127,7 @@ class GaussianReconstructionNLL(nn.Module):
     def forward(self, x_hat: Tensor, x1: Tensor, mask: Tensor | None = None) -> Tensor:
         log_sigma = self.log_sigma.to(x_hat.dtype)
         z = (x1.float() - x_hat.float()) * torch.exp(-log_sigma.float())
-        nll = 0.5 * z.square() + log_sigma.float()
-        if mask is None:
-            return nll.mean()
-        m = mask.reshape(mask.shape + (1,) * (nll.ndim - mask.ndim)).to(nll.dtype).expand_as(nll)
-        return (nll * m).sum() / m.sum().clamp_min(1.0)
-
-
-def _masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
-    sq = (a.float() - b.float()).square()
-    if mask is None:
-        return sq.mean()
-    m = mask.reshape(mask.shape + (1,) * (sq.ndim - mask.ndim)).to(sq.dtype).expand_as(sq)
-    return (sq * m).sum() / m.sum().clamp_min(1.0)
+        return masked_mean(0.5 * z.square() + log_sigma.float(), mask)
 
 
 def last_parameterised_modules(module: nn.Module, count: int) -> list[nn.Module]:
@@ -163,7 +165,7 @@ class MLEFinetunePolicy(FinetuneWrapper):
         self._select_trainable(config)
         self.objective = GaussianReconstructionNLL(config.sigma_mode, config.sigma, model.noise_shape)
         if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("no trainable parameter in the model (check mle.trainable)")
+            raise UserError("no trainable parameter in the model (check mle.trainable)")
 
     def _select_trainable(self, config: MLEConfig) -> None:
         has_base = hasattr(self.model, "base_velocity")
@@ -174,7 +176,7 @@ class MLEFinetunePolicy(FinetuneWrapper):
         if config.trainable == "residual":
             raise ConfigError("mle.trainable=residual needs a residual policy (method residual)")
         self.model.requires_grad_(True)
-        self.model.encoder.requires_grad_(False)  # observation encoder frozen (notes 3.5)
+        self.model.encoder.requires_grad_(False)  # observation encoder frozen (docs/finetuning.md, "Defaults and why")
         if config.trainable == "last":
             self.model.net.requires_grad_(False)
             for module in last_parameterised_modules(self.model.net, config.last_layers):
@@ -223,14 +225,11 @@ class MLEFinetunePolicy(FinetuneWrapper):
         """
         model = self.model
         obs = {k: batch[k] for k in model.obs_shapes}
-        x1 = model.normalizer.normalize("action", batch["action"].to(model.device, torch.float32))
-        mask = batch.get("pad_mask")
-        mask = mask.to(model.device) if mask is not None else None
-        cond = model.encode_obs(obs)
+        x1, cond, mask = model.prepare_batch(batch)
         z = batch["code"].to(model.device, torch.float32) if "code" in batch else self.pair(obs, x1)
         x_hat = self.decode(z, cond, self._decode_steps())
         nll = self.objective(x_hat, x1, mask)
-        out = {"nll": nll.detach(), "recon_mse": _masked_mse(x_hat.detach(), x1, mask),
+        out = {"nll": nll.detach(), "recon_mse": flow_matching_loss(x_hat.detach(), x1, mask),
                "sigma": self.objective.log_sigma.detach().exp().mean()}
         loss = nll
         if self.fm_weight > 0:
@@ -244,15 +243,11 @@ class MLEFinetunePolicy(FinetuneWrapper):
     def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
         """The tuned policy as a normal loadable policy, plus the learned sigma (if any) in a sidecar file."""
 
-        def write(folder: Path) -> None:
-            self.model.save_pretrained(folder, atomic=False)
+        def write_sigma(folder: Path) -> None:
             if self.objective.learned:
                 save_file({"log_sigma": self.objective.log_sigma.detach().cpu().contiguous()}, folder / OBJECTIVE_FILE)
 
-        if atomic:
-            return write_checkpoint_dir(directory, write)
-        write(Path(directory))
-        return Path(directory)
+        return self.model.save_pretrained(directory, atomic=atomic, extra_files=write_sigma)
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Load the tuned policy's weights (and the learned sigma) saved by `save_pretrained` (used on resume)."""
@@ -275,14 +270,21 @@ def mle_finetune_policy(pretrained: FlowPolicy, config: MLEConfig, method: str =
     if type(pretrained) is not FlowPolicy:
         raise ConfigError(f"MLE fine-tuning needs a plain flow policy, got {type(pretrained).__name__} "
                           f"(type '{pretrained.config.type}')")
+    config.validate()
     if method == "mle":
         reference = copy.deepcopy(pretrained)
+        model: FlowPolicy = pretrained
         weight = 0.1 if config.fm_weight is None else config.fm_weight
-        return MLEFinetunePolicy(pretrained, config, reference=reference, fm_weight=weight)
-    if method == "residual":
-        from fm_policy.finetune.residual import ResidualFlowPolicy
+    elif method == "residual":
+        from fm_policy.residual_policy import ResidualFlowPolicy
 
+        reference = None
         model = ResidualFlowPolicy.from_base(pretrained, residual)
         weight = 0.0 if config.fm_weight is None else config.fm_weight
-        return MLEFinetunePolicy(model, config, reference=None, fm_weight=weight)
-    raise ConfigError(f"fine-tuning method '{method}' is unknown; choose mle or residual")
+    else:
+        raise ConfigError(f"fine-tuning method '{method}' is unknown; choose mle or residual")
+    # the tuned model is only good at the sampler it was tuned through: save it with that sampler as its default,
+    # so select_action, eval, serve and analyze-flow run it as it was trained
+    model.config.solver = config.decode_solver
+    model.config.num_inference_steps = config.deployment_steps
+    return MLEFinetunePolicy(model, config, reference=reference, fm_weight=weight)

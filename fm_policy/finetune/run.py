@@ -20,14 +20,14 @@ import torch
 from fm_policy.config import ConfigError, config_to_yaml, load_config
 from fm_policy.datasets.policy_data import DataConfig, build_policy_data
 from fm_policy.datasets.sampler import SequenceDataset
+from fm_policy.factory import load_policy
 from fm_policy.finetune.codes import CODES_FILE, cached_codes
 from fm_policy.finetune.gft import GFTConfig, GFTFinetunePolicy, gft_finetune_policy
 from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_policy
-from fm_policy.finetune.residual import ResidualConfig
 from fm_policy.flow_policy import FlowPolicy
-from fm_policy.policy import load_policy
+from fm_policy.networks.residual import ResidualConfig
 from fm_policy.train import EvalConfig, run_trainer
-from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, seed_everything
+from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig, read_run_config, seed_everything
 
 METHODS: tuple[str, ...] = ("mle", "residual", "gft", "ft")
 GFT_METHODS: tuple[str, ...] = ("gft", "ft")
@@ -45,7 +45,7 @@ class FinetuneConfig:
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     gft: GFTConfig = field(default_factory=GFTConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(path=""))
-    # notes 3.5: lr 1e-5 for the full network; use optim.lr=1e-4 for method residual; gft/ft toward a changed
+    # docs/finetuning.md, "Defaults and why": lr 1e-5 for the full network; use optim.lr=1e-4 for method residual; gft/ft toward a changed
     # task need a larger one (docs/gft.md; the Push-T benchmark uses 3e-4)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=100))
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -68,9 +68,7 @@ class FinetuneConfig:
 
 def _pretraining_data(checkpoint: Path) -> DataConfig | None:
     """The data section of the run the checkpoint came from (runs/NAME/config.yaml above checkpoints/step_N/ema)."""
-    from fm_policy.finetune.contraction import _pretraining_run_config
-
-    run = _pretraining_run_config(checkpoint)
+    run = read_run_config(checkpoint)
     if not run or not isinstance(run.get("data"), dict):
         return None
     return DataConfig(**{k: v for k, v in run["data"].items() if k in DataConfig.__dataclass_fields__})

@@ -28,27 +28,29 @@ VELOCITY_NETS: dict[str, tuple[type[VelocityNet], type]] = {
 }
 
 
-def build_velocity_net(kind: str, horizon: int, action_dim: int, cond_dim: int, config: Any = None,
-                       **cfg: Any) -> VelocityNet:
+def settings_for_kind(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without the keys that only another network kind has.
+
+    A config file that describes a U-Net and an override `policy.network.kind=mlp` should give an MLP, not an error
+    about `down_dims`; a key that no network has (a typo) is kept, so `build_velocity_net` still reports it.
+    """
+    own = {f.name for f in dataclasses.fields(VELOCITY_NETS[kind][1])} if kind in VELOCITY_NETS else set()
+    foreign = {f.name for other, (_, cfg) in VELOCITY_NETS.items() if other != kind for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in settings.items() if k in own or k not in foreign}
+
+
+def build_velocity_net(kind: str, horizon: int, action_dim: int, cond_dim: int, **settings: Any) -> VelocityNet:
     """A velocity network of `kind` ("unet1d" or "mlp") for the given sizes.
 
-    Architecture settings come from `config` (a `UNet1DConfig` / `MLPVelocityConfig`, or a mapping such as an
-    OmegaConf node) and/or keyword arguments (keywords win), e.g. `down_dims=(32, 64, 128), kernel_size=5`.
-    `build_velocity_net(**net.config_dict())` rebuilds a network. Unknown kinds or settings raise ValueError.
+    `settings` are the fields of the kind's config dataclass (`UNet1DConfig` / `MLPVelocityConfig`), e.g.
+    `down_dims=(32, 64, 128), kernel_size=5`; lists (from YAML) are accepted for tuples. Unknown kinds or settings
+    raise ValueError naming the valid ones.
     """
     if kind not in VELOCITY_NETS:
         raise ValueError(f"unknown velocity network kind {kind!r}; known: {', '.join(VELOCITY_NETS)}")
     net_cls, config_cls = VELOCITY_NETS[kind]
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    if config is None:
-        values: dict[str, Any] = {}
-    elif isinstance(config, config_cls):
-        values = dataclasses.asdict(config)
-    elif dataclasses.is_dataclass(config):
-        raise ValueError(f"config for kind {kind!r} must be a {config_cls.__name__}, got {type(config).__name__}")
-    else:
-        values = dict(config)
-    values.update(cfg)
+    values = dict(settings)
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} for velocity network {kind!r}; valid: {sorted(fields)}")
@@ -69,5 +71,6 @@ __all__ = [
     "UNet1DConfig",
     "VelocityNet",
     "build_velocity_net",
+    "settings_for_kind",
     "count_parameters",
 ]

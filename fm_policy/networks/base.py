@@ -12,7 +12,6 @@ steps 0..99 and builds its network with `time_scale=1`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -69,10 +68,3 @@ class VelocityNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def config_dict(self) -> dict[str, Any]:
-        """Everything `build_velocity_net(**d)` needs to rebuild this network (for checkpoints)."""
-        cfg = dataclasses.asdict(self.config) if self.config is not None else {}
-        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-        return {"kind": self.kind, "horizon": self.horizon, "action_dim": self.action_dim, "cond_dim": self.cond_dim,
-                **cfg}

@@ -24,10 +24,6 @@ class ObsEncoder(nn.Module):
     def forward(self, obs: Mapping[str, Tensor]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def config_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        """The constructor arguments (JSON-friendly), so a checkpoint can rebuild the encoder."""
-        raise NotImplementedError
-
 
 def _as_shape(key: str, shape: Any) -> tuple[int, ...]:
     if isinstance(shape, int):
@@ -79,10 +75,6 @@ class LowDimObsEncoder(ObsEncoder):
             parts.append(value.reshape(batch, -1))
         out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         return out if out.is_floating_point() else out.float()
-
-    def config_dict(self) -> dict[str, Any]:
-        return {"kind": "lowdim", "obs_shapes": {k: list(v) for k, v in self.obs_shapes.items()},
-                "n_obs_steps": self.n_obs_steps}
 
     def extra_repr(self) -> str:
         return f"obs_shapes={self.obs_shapes}, n_obs_steps={self.n_obs_steps}, output_dim={self.output_dim}"

@@ -1,6 +1,6 @@
-"""Contracting residual velocity fields r(t, x | cond) and the residual flow policy v = v_pre + r (ResFT-FM).
+"""Contracting residual velocity fields r(t, x | cond), the refiners of `fm_policy.residual_policy` (v = v_pre + r).
 
-Why: the MLE notes (docs: mle_finetuning.md, sections 2.2, 3.3, 7.6) recommend fine-tuning a *frozen* pre-trained
+Why (docs/finetuning.md, "The contracting residual" and "What is certified"): fine-tune a *frozen* pre-trained
 field through an added residual whose Jacobian in x has a negative semi-definite symmetric part *by construction*,
 i.e. for any value of its weights, so that no training step can make the residual itself amplify errors. Every
 residual here acts on the flattened chunk x (B, d), d = horizon * action_dim, and is conditioned on the flow time
@@ -34,7 +34,7 @@ Kinds and the exact guarantee each gives, with J = dr/dx and mu(J) = lambda_max(
 * ``free`` (ablation, no guarantee): an MLP of (x, time embedding, cond) with a zero output layer.
 
 The x-independent drift p(t, c) does not enter J, so it is free: it plays the role of the exogenous input of the
-residual system in the notes' ISS framing (section 2.2).
+residual system in the input-to-state-stability view (docs/finetuning.md, "The contracting residual").
 
 Limitation (measured on a toy problem, see tests/test_mle_finetune.py): because mu(dv/dx) can only go *down* when a
 contracting residual is added, the residual cannot make the sampler more expansive. With the inversion pairing and
@@ -48,33 +48,24 @@ residual is exactly zero at init (the residual policy then reproduces the base p
 rate (`guaranteed_rate`) grows from 0 as W / the gate move away from zero. `guaranteed_rate(t, cond)` returns the
 certified per-sample rate, which `fm_policy.finetune.contraction` compares with measured Jacobians.
 
-Caveat (notes 3.3): contraction of r alone does not make v_pre + r contracting; that needs the residual's rate to
+Caveat (docs/finetuning.md, "What is certified"): contraction of r alone does not make v_pre + r contracting; that needs the residual's rate to
 exceed the base field's positive log-norm (measure both with `fm_policy.finetune.contraction`). A very stiff residual
 also needs small enough Euler steps (dt * ||J|| <~ 1-2), so keep eps modest at 1-step inference.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fm_policy.checkpoint import write_checkpoint_dir
 from fm_policy.config import ConfigError
-from fm_policy.flow_policy import FlowPolicy
 from fm_policy.networks.embeddings import SinusoidalTimeEmbedding
-from fm_policy.normalizer import Normalizer
-from fm_policy.policy import CONFIG_FILE, PolicyConfig, register_policy
 
-RESIDUAL_POLICY_TYPE = "flow_residual"
 RESIDUAL_KINDS: tuple[str, ...] = ("monotone", "damped", "free")
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1: scale heads start at 1
 
@@ -270,83 +261,3 @@ def build_residual(config: ResidualConfig, horizon: int, action_dim: int, cond_d
     """The residual field of `config.kind` for chunks (horizon, action_dim) and a cond_dim-wide condition."""
     config.validate()
     return _RESIDUALS[config.kind](horizon, action_dim, cond_dim, config)
-
-
-def _residual_config_from(values: dict[str, Any] | None) -> ResidualConfig:
-    if values is None:
-        return ResidualConfig()
-    unknown = sorted(set(values) - set(ResidualConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"residual config has unknown keys {unknown}")
-    return ResidualConfig(**values)
-
-
-@register_policy(RESIDUAL_POLICY_TYPE)
-class ResidualFlowPolicy(FlowPolicy):
-    """A frozen pre-trained flow policy plus a trainable residual field: v = base(t, x | o) + r(t, x | o).
-
-    Built for fine-tuning with `from_base(pretrained, residual_config)`; saves and loads like any policy
-    (`save_pretrained` / `load_policy`): config.json holds the usual policy config (type "flow_residual", the base
-    network's architecture) plus a top-level "residual" entry with the residual's `ResidualConfig`; the weights file
-    holds base and residual, so the checkpoint is self-contained. Sampling (`predict_action_chunk`, any solver) and
-    the default `compute_loss` (flow matching of the combined field) are FlowPolicy's; the MLE objective comes from
-    wrapping it in `fm_policy.finetune.mle.MLEFinetunePolicy`.
-    """
-
-    def __init__(self, config: PolicyConfig, normalizer: Normalizer, residual: ResidualConfig | None = None):
-        super().__init__(config, normalizer)
-        self.residual_config = residual if residual is not None else ResidualConfig()
-        self.residual = self._build_residual(self.residual_config)
-        for module in (self.net, self.encoder):  # the base stays the pre-trained field
-            module.requires_grad_(False)
-
-    def _build_residual(self, residual: ResidualConfig) -> ResidualField:
-        return build_residual(residual, self.config.horizon, self.config.action_dim, self.encoder.output_dim)
-
-    @classmethod
-    def from_base(cls, base: FlowPolicy, residual: ResidualConfig | None = None) -> ResidualFlowPolicy:
-        """Wrap a pre-trained flow policy (its weights and normaliser are copied; `base` is left untouched)."""
-        if type(base) is not FlowPolicy:
-            raise TypeError(f"the base of a residual policy must be a plain FlowPolicy, got {type(base).__name__}")
-        config = copy.deepcopy(base.config)
-        config.type = RESIDUAL_POLICY_TYPE
-        policy = cls(config, copy.deepcopy(base.normalizer), residual).to(base.device)
-        missing, unexpected = policy.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("residual.") for k in missing), (missing, unexpected)
-        return policy
-
-    def base_velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
-        """The frozen pre-trained field (what MLE fine-tuning inverts data chunks with)."""
-        return self.net(x, t, cond)
-
-    def velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
-        return self.net(x, t, cond) + self.residual(t, x, cond)
-
-    # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | os.PathLike, atomic: bool = True) -> Path:
-        """FlowPolicy's files, with the residual's config added to config.json (read back by `load_weights`)."""
-
-        def write(folder: Path) -> None:
-            super(ResidualFlowPolicy, self).save_pretrained(folder, atomic=False)
-            meta = json.loads((folder / CONFIG_FILE).read_text())
-            meta["residual"] = asdict(self.residual_config)
-            (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-
-        if atomic:
-            return write_checkpoint_dir(directory, write)
-        write(Path(directory))
-        return Path(directory)
-
-    def load_weights(self, directory: str | os.PathLike) -> None:
-        """Rebuild the residual from config.json's "residual" entry when it differs, then load the weights.
-
-        `BasePolicy.from_pretrained` constructs a policy from the PolicyConfig alone and then calls this, so this is
-        where the residual's architecture is restored. An unchanged config keeps the existing parameter objects
-        (a resumed optimiser / EMA keeps pointing at them).
-        """
-        meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-        saved = _residual_config_from(meta.get("residual"))
-        if saved != self.residual_config:
-            self.residual_config = saved
-            self.residual = self._build_residual(saved).to(self.device)
-        super().load_weights(directory)

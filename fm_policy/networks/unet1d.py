@@ -46,10 +46,6 @@ class UNet1DConfig:
     zero_init_output: bool = False  # True: the final 1x1 conv starts at zero (the net then outputs 0 at init)
 
     @classmethod
-    def cpu(cls) -> UNet1DConfig:
-        return cls(down_dims=(32, 64, 128), time_embed_dim=64)
-
-    @classmethod
     def diffusion_policy(cls) -> UNet1DConfig:
         """diffusion_policy's low-dim U-Net (train_diffusion_unet_lowdim_workspace.yaml): ~65.8 M params on Push-T."""
         return cls(down_dims=(256, 512, 1024), kernel_size=5, n_groups=8, time_embed_dim=256)
