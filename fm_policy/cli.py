@@ -203,9 +203,13 @@ def _cmd_analyze_flow(args: argparse.Namespace) -> int:
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
-    from fm_policy.envs import available_envs
+    from fm_policy.envs.registry import all_env_specs
 
-    print("\n".join(available_envs()))
+    specs = sorted(all_env_specs(), key=lambda spec: spec.name)
+    width = max(len(spec.name) for spec in specs)
+    for spec in specs:
+        expert = "  [scripted expert]" if spec.collection is not None else ""
+        print(f"{spec.name:<{width}}  {spec.description}{expert}")
     return 0
 
 

@@ -126,3 +126,10 @@ def test_registry_refuses_duplicates_and_conflicts(point_env: str) -> None:
             env_collect_defaults("toy/other")
     finally:
         unregister_env("toy/other")
+
+
+def test_envs_command_lists_registered_specs_with_descriptions(point_env, capsys):
+    assert main(["envs"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "pusht" in lines and "[scripted expert]" in lines["pusht"]
+    assert "a point on a line" in lines[point_env] and "[scripted expert]" in lines[point_env]
