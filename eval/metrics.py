@@ -8,8 +8,8 @@ Two Push-T numbers are reported side by side because papers mix them up (docs/ev
 - **success rate** = fraction of episodes with `is_success` at any step (coverage > 0.95), with a **Wilson** score
   interval, which stays inside [0, 1] and is not degenerate at 0/n or n/n (unlike the normal approximation).
 
-Kitchen's p_n (fraction of episodes completing at least n tasks) is `rate_at_least(counts, n)`, its interval
-`rate_ci(np.asarray(counts) >= n)`.
+Kitchen's p_n (fraction of episodes completing at least n tasks, with its interval) is
+`rate_ci(np.asarray(counts) >= n)` (see `fm_policy.envs.kitchen.kitchen_metrics`).
 """
 
 from __future__ import annotations
@@ -127,22 +127,6 @@ def rate_ci(flags: Sequence[bool] | np.ndarray, z: float = Z_95) -> Estimate:
     n, k = int(arr.size), int(arr.sum())
     lo, hi = wilson_interval(k, n, z)
     return Estimate(k / n if n else math.nan, lo, hi, n, "wilson")
-
-
-def rate_at_least(counts: Sequence[float] | np.ndarray, n: float) -> float:
-    """Fraction of episodes whose count (e.g. completed Kitchen tasks) is >= n: diffusion_policy's p_n."""
-    arr = _as_1d(counts, "counts")
-    if arr.size == 0:
-        return math.nan
-    return float(np.mean(arr >= n))
-
-
-def coverage_score(max_rewards: Sequence[float] | np.ndarray, method: CIMethod = "bootstrap") -> Estimate:
-    """Push-T coverage score: mean over episodes of max_t clip(coverage_t / 0.95, 0, 1), with a 95% interval."""
-    arr = _as_1d(max_rewards, "max_rewards")
-    if np.any((arr < 0) | (arr > 1)):
-        raise ValueError("Push-T max rewards must lie in [0, 1] (reward = clip(coverage / 0.95, 0, 1))")
-    return mean_ci(arr, method=method)
 
 
 def success_rate(successes: Sequence[bool] | np.ndarray) -> Estimate:

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from fm_policy.eval.metrics import (
     Estimate,
-    coverage_score,
     mean_ci,
-    rate_at_least,
     rate_ci,
     success_rate,
     wilson_interval,
@@ -89,21 +87,8 @@ def test_mean_ci_degenerate_inputs() -> None:
         mean_ci([0.1, 0.2], method="normal")  # type: ignore[arg-type]
 
 
-def test_rate_at_least_kitchen_style() -> None:
-    counts = [0, 1, 2, 3, 4, 4, 7, 2, 1, 0]
-    assert rate_at_least(counts, 1) == 0.8
-    assert rate_at_least(counts, 2) == 0.6
-    assert rate_at_least(counts, 4) == 0.3
-    assert rate_at_least(counts, 7) == 0.1
-    assert rate_at_least(counts, 8) == 0.0
-    assert math.isnan(rate_at_least([], 1))
-    est = rate_ci(np.asarray(counts) >= 2)
-    assert est.value == 0.6 and (est.lo, est.hi) == pytest.approx(wilson_interval(6, 10))
-
-
-def test_coverage_score_checks_range() -> None:
-    est = coverage_score([1.0, 0.5, 0.0, 0.25])
-    assert est.value == pytest.approx(0.4375)
-    assert est.lo <= est.value <= est.hi
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        coverage_score([1.2, 0.3])
+def test_rate_of_at_least_n_kitchen_style() -> None:
+    counts = np.asarray([0, 1, 2, 3, 4, 4, 7, 2, 1, 0])
+    for n, expected, k in ((1, 0.8, 8), (2, 0.6, 6), (4, 0.3, 3), (7, 0.1, 1), (8, 0.0, 0)):
+        est = rate_ci(counts >= n)
+        assert est.value == expected and (est.lo, est.hi) == pytest.approx(wilson_interval(k, 10))
