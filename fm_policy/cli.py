@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", metavar="VAR",
                    help="require the API key stored in this environment variable (never pass keys on the command line)")
     p.add_argument("--max-message-bytes", type=int,
-                   help="largest request frame (default: twice a full request of this policy + 64 KiB)")
+                   help="largest request frame (default: twice a full float64 request of this policy + 64 KiB)")
     p.add_argument("--max-clients", type=int, default=32, help="concurrent connections accepted (default 32)")
     p.add_argument("--protocol", choices=("auto", "fm", "openpi"), default="auto",
                    help="request dialects: fm ({'observation': ...}), openpi (flat map, openpi_client) or both (auto)")

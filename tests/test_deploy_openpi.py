@@ -21,7 +21,7 @@ from fm_policy.deploy.server import PolicyServer, ServerConfig, ServerThread
 
 websocket_client_policy = pytest.importorskip("openpi_client.websocket_client_policy",
                                               reason="openpi-client is installed by scripts/setup.sh with the dev extra")
-from openpi_client.action_chunk_broker import ActionChunkBroker  # noqa: E402
+from openpi_client.action_chunk_broker import ActionChunkBroker
 
 KEY = "openpi-key"
 SEED = 1234

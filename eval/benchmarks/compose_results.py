@@ -44,6 +44,7 @@ BLOCK_RE = re.compile(r"(<!-- results:start (?P<name>[\w-]+) -->\n)(?P<body>.*?)
 # benchmark pages: page -> (module under fm_policy.eval.benchmarks, render function of the result JSON)
 BENCH_PAGES: dict[str, tuple[str, str]] = {
     "deploy": ("bench_deploy", "to_markdown"),
+    "deploy_load": ("bench_serve_load", "markdown"),
     "gft": ("bench_gft", "markdown"),
     "kitchen_expert": ("bench_kitchen_expert", "to_markdown"),
     "networks": ("bench_networks", "to_markdown"),

@@ -125,17 +125,24 @@ class PolicyClient:
                 message["noise"] = np.ascontiguousarray(noise, dtype=np.float32)
             start = time.perf_counter()
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            if self._ws.state is not State.OPEN:  # closed by the server meanwhile (idle): one reconnect
-                self._open(5.0 if timeout_s is None else max(timeout_s, 0.5), 0.1)
-            try:
-                self._ws.send(packb(message))
-                while True:
-                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    reply = unpackb(self._ws.recv(timeout=left))
-                    if isinstance(reply, dict) and reply.get("request_id") == request_id:
-                        break  # anything else answers an earlier request that timed out
-            except ConnectionClosed as exc:
-                raise ConnectionError(f"{self.url}: connection closed ({exc})") from None
+            frame = packb(message)
+            for attempt in (0, 1):
+                if self._ws.state is not State.OPEN:  # closed by the server meanwhile (idle): one reconnect
+                    self._open(5.0 if timeout_s is None else max(timeout_s, 0.5), 0.1)
+                try:
+                    self._ws.send(frame)
+                    while True:
+                        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                        reply = unpackb(self._ws.recv(timeout=left))
+                        if isinstance(reply, dict) and reply.get("request_id") == request_id:
+                            break  # anything else answers an earlier request that timed out
+                    break
+                except ConnectionClosed as exc:
+                    # the server closes a connection normally (1000) only while no request of it is in flight (idle
+                    # limit, eviction): this request crossed that close and was never served, so re-send it once
+                    if attempt == 0 and exc.rcvd is not None and exc.rcvd.code == 1000:
+                        continue
+                    raise ConnectionError(f"{self.url}: connection closed ({exc})") from None
             roundtrip_ms = (time.perf_counter() - start) * 1e3
         if reply.get("type") == "error":
             err = reply.get("error") or {}

@@ -12,11 +12,11 @@ Design (after openpi's `WebsocketPolicyServer`, with the failure modes its users
   `openpi_client` `WebsocketClientPolicy` and `ActionChunkBroker` work (`fm_policy.deploy.protocol`).
 - Bounded work (`fm_policy.deploy.workqueue`): a request costs num_steps x evaluations per step (rk4: 4) network
   evaluations, at most `max_nfe`; at most `max_queue` requests wait (more get `busy`); waiting requests are served
-  in cost-weighted fair order across connections; requests costlier than the default run preemptibly on a copy of
-  the policy; every request is answered or refused within `request_timeout_s` (`deadline_exceeded`). Frames are
-  decoded and validated on a thread pool with a bounded decoder, never on the event loop. Each connection buffers
-  at most `max_queued_frames` frames (then TCP backpressure), and one that sends nothing for `idle_timeout_s` is
-  closed; when `max_clients` are connected, the longest-idle one (idle > `idle_evict_s`) makes room for a new one.
+  in cost-weighted fair order across connections; requests costlier than the default, and those of a client that
+  sends its next request before reading its reply (flooding), run preemptibly on a copy of the policy; every
+  request is answered or refused within `request_timeout_s` (`deadline_exceeded`). Frames are decoded and validated
+  on a thread pool with a bounded decoder, never on the event loop. Each connection buffers at most
+  `max_queued_frames` frames (then TCP backpressure), and one that sends nothing for `idle_timeout_s` is closed; when `max_clients` are connected, the longest-idle one (idle > `idle_evict_s`) makes room for a new one.
 - Checked outputs: a chunk with NaN/inf is never sent as actions (`non_finite_output` error); actions outside the
   training range are clamped (`action_range="clamp"`, default) or only counted (`"flag"`): the reply's `clamped`
   says how many values were outside, the metadata's `action_range_mode` which of the two the server does.
@@ -149,7 +149,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # localhost only by default; 0.0.0.0 exposes the robot policy to the network
     port: int = 8000  # 0 picks a free port (tests, benchmarks)
     api_key: str | None = None
-    max_message_bytes: int | None = None  # None: twice a full request of this policy + 64 KiB (at most 64 MiB)
+    max_message_bytes: int | None = None  # None: twice a full float64 request of this policy + 64 KiB (<= 64 MiB)
     max_clients: int = 32
     num_steps: int | None = None  # default sampler steps (None: the policy's num_inference_steps)
     max_num_steps: int = 128  # upper bound a request may ask for (DDPM-100 fits)
@@ -232,7 +232,7 @@ class PolicyServer:
         spec.action_range_mode = cfg.action_range
         spec.request_timeout_s = float(cfg.request_timeout_s)
         spec.dialects = list(DIALECTS) if cfg.protocol == "auto" else [cfg.protocol]
-        if cfg.max_message_bytes is None:  # twice a full request (float64 openpi observations fit) + headers
+        if cfg.max_message_bytes is None:  # twice a full request in float64 (what openpi clients may send) + headers
             request_bytes = sum(4 * spec.n_obs_steps * math.prod(s) for s in spec.obs_shapes.values())
             request_bytes += 4 * spec.horizon * spec.action_dim
             self.max_message_bytes = min(2 * 2 * request_bytes + 64 * 1024, 64 * 1024 * 1024)
@@ -399,7 +399,7 @@ class PolicyServer:
             return dialect, request_id, req
         except RequestError as exc:
             return dialect, request_id, exc
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile frame triggers, it is a bad request
+        except Exception as exc:  # whatever a hostile frame triggers, it is a bad request
             log.debug("unexpected error validating a request", exc_info=True)
             return dialect, request_id, RequestError(f"malformed request ({type(exc).__name__})", "bad_request")
 
@@ -420,7 +420,7 @@ class PolicyServer:
             log.info("bad request from %s (%s): %s%s", conn.peer, exc.code, short_repr(str(exc), 200), suffix)
         return self._encode_reply(dialect, error_frame(exc.code, str(exc), request_id))
 
-    async def _reply(self, conn: _Conn, message: Any) -> tuple[bytes | str, Any]:
+    async def _reply(self, conn: _Conn, message: Any, pipelined: bool = False) -> tuple[bytes | str, Any]:
         """One request frame -> (one reply frame: actions or an error that says what is wrong, request id)."""
         received = time.perf_counter()
         if isinstance(message, str):
@@ -435,7 +435,7 @@ class PolicyServer:
 
         assert self._queue is not None
         job = Job(req, conn, self.spec.request_nfe(req.num_steps, req.solver),
-                  deadline=time.monotonic() + self.config.request_timeout_s)
+                  deadline=time.monotonic() + self.config.request_timeout_s, background=pipelined)
         self._in_flight += 1
         try:
             try:
@@ -503,7 +503,12 @@ class PolicyServer:
                     await ws.close(1000, f"idle for {idle_s:g} s")
                     break
                 conn.busy, conn.last_active = True, time.monotonic()
-                frame, request_id = await self._reply(conn, message)
+                # the next frame is already here: this client does not wait for its replies (pipelining, flooding),
+                # so its requests run on the preemptible lane, behind everyone who does wait
+                pipelined = len(getattr(getattr(ws, "recv_messages", None), "frames", ())) > 0
+                if pipelined:
+                    self.stats.count("pipelined")
+                frame, request_id = await self._reply(conn, message, pipelined)
                 conn.busy, conn.last_active = False, time.monotonic()
                 try:
                     await ws.send(frame)

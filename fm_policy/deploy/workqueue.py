@@ -11,7 +11,8 @@ What a shared robot-policy server needs so that no client can stall the others:
   client that asks for 16x the work gets served 16x less often, and a new connection starts at the current clock
   (no credit for time it was away).
 - **Preemptible expensive work**: requests costing more than `heavy_above` NFE (more than the server's default
-  request) run on a second lane with its own copy of the policy. Before every network evaluation that lane waits
+  request), and requests the caller marks `background` (the server does so for a client that sends its next
+  request before it has its reply: pipelining, flooding) run on a second lane with its own copy of the policy. Before every network evaluation that lane waits
   while any cheaper request is queued or running, so a well-behaved client waits for at most one network call of
   an abusive one, not for its whole 128-step solve. Only one lane computes at a time (the cheap lane also waits for
   the expensive lane's current network call to finish), so the two never compete for the CPU, and since each lane
@@ -26,10 +27,11 @@ exception instance for a job that failed alone (e.g. non-finite actions).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +57,8 @@ class Job:
     future: Future = field(default_factory=Future)
     tag: float = 0.0  # virtual start time (fair queueing)
     seq: int = 0
-    heavy: bool = False
+    heavy: bool = False  # runs on the preemptible lane (set by submit)
+    background: bool = False  # the caller asks for the preemptible lane whatever the cost (e.g. a pipelining client)
     cancelled: bool = False
     preemptions: int = 0
 
@@ -111,7 +114,7 @@ class WorkQueue:
             job.owner.vfinish = job.tag + job.cost
             self.seq += 1
             job.seq = self.seq
-            job.heavy = self.heavy_above is not None and job.cost > self.heavy_above
+            job.heavy = self.heavy_above is not None and (job.cost > self.heavy_above or job.background)
             (self.heavy if job.heavy else self.light).append(job)
             self.cond.notify_all()
         return job
@@ -227,13 +230,11 @@ class WorkQueue:
         for job, result in zip(live, results, strict=True):
             if job.future.done():
                 continue
-            try:
+            with contextlib.suppress(InvalidStateError):  # cancelled concurrently
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
-            except Exception:  # noqa: BLE001 - cancelled concurrently (InvalidStateError)
-                pass
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, modules: list[Any]) -> None:
