@@ -44,6 +44,13 @@ def _keypoints(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return lowdim_keypoint_obs(arrays["keypoint"], arrays["state"][..., :2]).astype(np.float32)
 
 
+def _agent_pos(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The image-mode low-dim key: the agent position, the first two entries of the stored `state` (float32)."""
+    import numpy as np
+
+    return np.asarray(arrays["state"][..., :2], dtype=np.float32)
+
+
 def parse_goal(value: str) -> list[float]:
     """`X,Y,ANGLE` -> a Push-T goal pose (pixels, pixels, radians), as the `goal_pose` kwarg takes it."""
     try:
@@ -64,7 +71,9 @@ SPEC = EnvSpec(
         recorder=_recorder, obs=("state", "keypoints"), max_steps=300, obs_help="state, keypoints, image",
     ),
     # stores keep diffusion_policy's Push-T field layout: `keypoint` (9, 2) and `img`
-    derived_keys={"keypoints": DerivedKey(sources=("keypoint", "state"), build=_keypoints)},
+    # image mode: `image` (96, 96, 3) uint8 <- `img`, `agent_pos` (2,) <- `state[:, :2]` (diffusion_policy's setting)
+    derived_keys={"keypoints": DerivedKey(sources=("keypoint", "state"), build=_keypoints),
+                  "agent_pos": DerivedKey(sources=("state",), build=_agent_pos)},
     renamed_keys={"image": "img"},
     options=(
         EnvOption("--goal", "goal_pose", parse_goal, metavar="X,Y,ANGLE",

@@ -189,7 +189,9 @@ class LocalChunkSource:
         import torch
 
         device = self.policy.device
-        obs = {k: torch.as_tensor(np.asarray(v, dtype=np.float32))[None].to(device) for k, v in observation.items()}
+        dtypes = self.spec.obs_dtypes  # float32 low-dim keys, uint8 camera images
+        obs = {k: torch.as_tensor(np.asarray(v, dtype=np.dtype(dtypes.get(k, "<f4"))))[None].to(device)
+               for k, v in observation.items()}
         noise_t = None if noise is None else torch.as_tensor(np.asarray(noise, dtype=np.float32))[None].to(device)
         steps = num_steps or self.spec.num_steps
         start = time.perf_counter()

@@ -124,7 +124,8 @@ def spec_from_policy(policy: Any, num_steps: int | None = None, max_num_steps: i
         raise ValueError(f"num_steps={steps} must be in [1, max_num_steps={max_num_steps}]")
     return PolicySpec(
         obs_shapes={k: list(v) for k, v in policy.obs_shapes.items()},
-        obs_dtypes={k: "<f4" for k in policy.obs_shapes},  # the low-dim encoder consumes float32
+        # low-dim keys are float32; camera images (per-step shape (H, W, C)) travel as uint8, as the envs emit them
+        obs_dtypes={k: "|u1" if k in getattr(policy, "image_keys", ()) else "<f4" for k in policy.obs_shapes},
         action_dim=int(cfg.action_dim), horizon=int(cfg.horizon), n_obs_steps=int(cfg.n_obs_steps),
         n_action_steps=int(cfg.n_action_steps), policy_type=type(policy).name, num_steps=steps,
         max_num_steps=int(max_num_steps), solver=default_solver,

@@ -21,6 +21,7 @@ from fm_policy.networks.embeddings import SinusoidalTimeEmbedding
 from fm_policy.networks.encoders import LowDimObsEncoder, ObsEncoder
 from fm_policy.networks.mlp import MLPVelocityConfig, MLPVelocityNet
 from fm_policy.networks.unet1d import ConditionalUNet1D, UNet1DConfig
+from fm_policy.networks.vision import MultiModalObsEncoder, VisionConfig
 
 VELOCITY_NETS: dict[str, tuple[type[VelocityNet], type]] = {
     "unet1d": (ConditionalUNet1D, UNet1DConfig),
@@ -66,10 +67,12 @@ __all__ = [
     "LowDimObsEncoder",
     "MLPVelocityConfig",
     "MLPVelocityNet",
+    "MultiModalObsEncoder",
     "ObsEncoder",
     "SinusoidalTimeEmbedding",
     "UNet1DConfig",
     "VelocityNet",
+    "VisionConfig",
     "build_velocity_net",
     "settings_for_kind",
     "count_parameters",
