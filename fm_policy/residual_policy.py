@@ -5,15 +5,25 @@ It is a policy type of its own ("flow_residual") beside the flow policy: it save
 exports like one. Training it is a fine-tuning method (`fm-policy finetune --method residual`, which wraps it in
 `fm_policy.finetune.mle.MLEFinetunePolicy`); the residual fields and their contraction guarantees are in
 `fm_policy.networks.residual`; docs/finetuning.md explains the design.
+
+Two placements of the residual (`residual.placement`, saved with the policy):
+
+* ``velocity`` (default): the residual is added to the field throughout the flow, v = v_pre + r;
+* ``terminal``: the flow is the frozen base's, unchanged; its output then goes through a refinement stage of
+  `residual.refine_steps` Euler steps of dx/ds = r(s, x | o), s in [0, 1]: a learned, observation-conditioned
+  contracting field that pulls the chunk toward the data (trained by MLE of reconstructions through flow and stage).
+  Such a policy is a `TerminalResidualFlowPolicy` (built automatically from the config): its sampler is not an Euler
+  loop over one velocity field, so it declares no fused export.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fm_policy.flow_policy import FlowPolicy, FlowPolicyConfig
@@ -52,6 +62,12 @@ class ResidualFlowPolicy(FlowPolicy):
     config_class = ResidualFlowPolicyConfig
     config: ResidualFlowPolicyConfig
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ResidualFlowPolicy:  # noqa: PYI034 - may be a subclass
+        config = args[0] if args else kwargs.get("config")
+        terminal = cls is ResidualFlowPolicy and config is not None and config.residual.placement == "terminal"
+        # same type name and config; a sampler with a refinement stage
+        return super().__new__(TerminalResidualFlowPolicy if terminal else cls)
+
     def __init__(self, config: ResidualFlowPolicyConfig, normalizer: Normalizer):
         super().__init__(config, normalizer)
         self.residual: ResidualField = build_residual(config.residual, config.horizon, config.action_dim,
@@ -68,8 +84,9 @@ class ResidualFlowPolicy(FlowPolicy):
         """Wrap a pre-trained flow policy (its weights and normaliser are copied; `base` is left untouched)."""
         if type(base) is not FlowPolicy:
             raise TypeError(f"the base of a residual policy must be a plain FlowPolicy, got {type(base).__name__}")
-        values = {k: v for k, v in asdict(base.config).items() if k != "type"}
-        config = ResidualFlowPolicyConfig(**copy.deepcopy(values),
+        # field by field, not asdict: nested config dataclasses stay dataclasses
+        values = {f.name: copy.deepcopy(getattr(base.config, f.name)) for f in fields(base.config) if f.name != "type"}
+        config = ResidualFlowPolicyConfig(**values,
                                           residual=copy.deepcopy(residual) if residual else ResidualConfig())
         policy = cls(config, copy.deepcopy(base.normalizer)).to(base.device)
         missing, unexpected = policy.load_state_dict(base.state_dict(), strict=False)
@@ -82,3 +99,42 @@ class ResidualFlowPolicy(FlowPolicy):
 
     def velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
         return self.net(x, t, cond) + self.residual(t, x, cond)
+
+    @property
+    def refine_steps(self) -> int:
+        """Euler steps of the terminal refinement stage (0: the residual acts inside the flow)."""
+        return 0
+
+    def refine(self, x: Tensor, cond: Tensor, return_trajectory: bool = False) -> Tensor:
+        """The terminal refinement stage applied to flow outputs x (B, H, A); the identity for velocity placement.
+        `return_trajectory`: the states (refine_steps + 1, B, H, A) instead of the last one."""
+        return x[None] if return_trajectory else x
+
+
+class TerminalResidualFlowPolicy(ResidualFlowPolicy):
+    """A residual policy with `residual.placement=terminal`: the frozen base flow, then `refine_steps` Euler steps
+    of the contracting refiner, x <- x + (1 / k) r(i / k, x | o). Built by `ResidualFlowPolicy(config, ...)` when the
+    config asks for it (so it loads with `load_policy` like any residual policy)."""
+
+    supports_fused_export = False  # the fused Euler graph would integrate the base field only, without the stage
+    exportable = False  # the exported graphs would be the base field alone: the host loop would skip the stage
+
+    def velocity(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        return self.net(x, t, cond)
+
+    @property
+    def refine_steps(self) -> int:
+        return self.config.residual.refine_steps
+
+    def refine(self, x: Tensor, cond: Tensor, return_trajectory: bool = False) -> Tensor:
+        steps = self.refine_steps
+        dt = 1.0 / steps
+        states = [x]
+        for i in range(steps):
+            s = torch.full((x.shape[0],), i * dt, dtype=x.dtype, device=x.device)
+            x = x + dt * self.residual(s, x, cond)
+            states.append(x)
+        return torch.stack(states) if return_trajectory else x
+
+    def _sample(self, cond: Tensor, num_steps: int, solver: str | None, noise: Tensor | None) -> Tensor:
+        return self.refine(super()._sample(cond, num_steps, solver, noise), cond)

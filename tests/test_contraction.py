@@ -59,7 +59,7 @@ def test_perturbation_gain_of_a_linear_field_is_exact(t_disturb, k):
     assert out["perturb_noise_mean"] == pytest.approx(1e-2 * abs(factor) ** steps, rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["monotone", "damped"])
+@pytest.mark.parametrize("kind", ["monotone", "damped", "lure"])
 def test_analysis_is_finite_and_measured_jacobian_respects_the_certified_rate(kind):
     policy = _with_residual(_base_policy(), ResidualConfig(kind=kind, width=16, cond_hidden=16, eps=0.1), 0.3)
     out = analyze_policy(policy, _obs())
@@ -69,6 +69,10 @@ def test_analysis_is_finite_and_measured_jacobian_respects_the_certified_rate(ki
     # lambda_max of a sum is at most the sum of lambda_max: the residual can only lower the full field's log-norm
     assert out["jac_full_max"] <= out["jac_base_max"] + out["jac_residual_max"] + 1e-4
     assert {"jac_full_max_t0.000", "jac_full_max_t0.875", "gain_noise_mean", "gain_mid_max"} <= set(out)
+    # certified rate, measured log-norm of the refined field and the ISS-style gains, with the base's beside them
+    assert {"certified_rate_min", "jac_full_max", "gain_obs_mean", "gain_obs_max", "base_gain_noise_mean",
+            "base_gain_mid_max", "base_gain_obs_mean", "residual_drift_norm_mean", "residual_xdep_norm_max",
+            "residual_norm_mean", "base_velocity_norm_mean"} <= set(out)
 
 
 def test_power_iteration_agrees_with_exact_jacobians():
@@ -109,3 +113,93 @@ def test_analyze_flow_on_saved_policies(tmp_path):
     assert out["from_data"] == 0.0 and "code_std" not in out
     assert all(math.isfinite(v) for v in out.values()), out
     assert out["jac_residual_max"] <= -out["certified_rate_min"] + 1e-4
+
+
+def test_residual_decomposition_separates_drift_from_the_x_dependent_part():
+    """A residual that is a pure drift (monotone with W = 0, drift head moved) has x-dependent part 0 and drift norm
+    = its norm; a pure damping (lure at init: r = -eps x) has drift 0 and x-dependent norm = eps ||x||."""
+    base = _base_policy()
+    drift_only = ResidualFlowPolicy.from_base(base, ResidualConfig(kind="monotone", width=16, cond_hidden=16)).eval()
+    with torch.no_grad():
+        drift_only.residual.drift_head.bias.copy_(torch.linspace(-1, 1, 16))
+    out = analyze_policy(drift_only, _obs(4), num_steps=2)
+    assert out["residual_xdep_norm_max"] == 0.0
+    assert out["residual_drift_norm_mean"] == pytest.approx(float(torch.linspace(-1, 1, 16).norm()), rel=1e-6)
+    assert out["residual_norm_mean"] == pytest.approx(out["residual_drift_norm_mean"], rel=1e-6)
+
+    damping = ResidualFlowPolicy.from_base(base, ResidualConfig(kind="lure", width=16, cond_hidden=16, eps=0.25))
+    damping.eval()
+    out = analyze_policy(damping, _obs(4), num_steps=2)
+    assert out["residual_drift_norm_max"] == 0.0
+    # the trajectory states are the refined sampler's; r = -0.25 x there, so |r| = 0.25 |x|
+    cond = damping.encode_obs(_obs(4))
+    noise = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(0))
+    from fm_policy.solvers import solve
+
+    with torch.no_grad():
+        traj = solve(lambda t, x: damping.velocity(t, x, cond), noise, "euler", 2, return_trajectory=True).trajectory
+    expected = 0.25 * traj[:-1].flatten(2).norm(dim=2)
+    assert out["residual_xdep_norm_mean"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert out["certified_rate_min"] == pytest.approx(0.25)
+
+
+def test_gains_of_a_zero_residual_equal_the_base_gains_and_a_damping_one_lowers_them():
+    """Same noise and the same disturbances for the refined and the base sampler: with a zero residual every gain
+    equals its `base_gain_*` twin exactly; pure damping (-eps x) lowers the noise and mid-trajectory gains."""
+    base = _base_policy()
+    zero = ResidualFlowPolicy.from_base(base, ResidualConfig(kind="monotone", width=16, cond_hidden=16)).eval()
+    out = analyze_policy(zero, _obs(), num_steps=4)
+    for key in ("gain_noise_mean", "gain_noise_max", "gain_mid_mean", "gain_obs_mean", "gain_obs_max"):
+        assert out[key] == out[f"base_{key}"], key
+    assert out["gain_obs_mean"] > 0 and out == analyze_policy(zero, _obs(), num_steps=4)  # reproducible
+    plain = analyze_policy(base, _obs(), num_steps=4)
+    assert plain["gain_obs_mean"] == out["gain_obs_mean"] and "base_gain_obs_mean" not in plain
+    damped = analyze_policy(
+        ResidualFlowPolicy.from_base(base, ResidualConfig(kind="lure", width=16, cond_hidden=16, eps=1.0)).eval(),
+        _obs(), num_steps=4)
+    for where in ("noise", "mid"):
+        assert damped[f"gain_{where}_mean"] < damped[f"base_gain_{where}_mean"]
+
+
+def test_observation_gain_of_a_linear_policy_is_exact():
+    """A field v = M o_norm (no x dependence) integrated over [0, 1] moves the chunk by exactly M delta u: with an
+    orthogonal-scaled M the gain is the scale, for every direction u."""
+    from fm_policy.finetune.contraction import observation_gain
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalizer = _base_policy().normalizer
+            self.obs_shapes = {"state": (5,)}
+            self.encoder = lambda obs: obs["state"].flatten(1)  # (B, 10)
+
+    policy = Linear()
+    q, _ = torch.linalg.qr(torch.randn(16, 10, generator=torch.Generator().manual_seed(0)))  # orthonormal columns
+    out = observation_gain(policy, _obs(), torch.zeros(8, 8, 2), lambda t, x, c: 3.0 * (c @ q.T).reshape(x.shape),
+                           num_steps=3, solver="euler", delta=1e-2, generator=torch.Generator().manual_seed(1))
+    assert out["gain_obs_mean"] == pytest.approx(3.0, rel=1e-4) and out["gain_obs_max"] == pytest.approx(3.0, rel=1e-4)
+
+
+def test_terminal_refiner_analysis_measures_the_refinement_stage():
+    base = _base_policy()
+    policy = _with_residual(base, ResidualConfig(kind="lure", width=16, cond_hidden=16, placement="terminal",
+                                                 refine_steps=3), 0.3)
+    out = analyze_policy(policy, _obs(4), num_steps=2)
+    assert out["refine_steps"] == 3.0 and out["num_steps"] == 2.0
+    assert out["jac_residual_max"] <= -out["certified_rate_min"] + 1e-4 and out["certified_rate_min"] >= 0.1
+    assert {"jac_residual_max_t0.000", "jac_residual_max_t0.667", "residual_drift_norm_mean", "gain_obs_mean",
+            "base_gain_noise_mean"} <= set(out)
+    assert "jac_base_max" not in out  # the flow's field is the base itself: jac_full is its log-norm
+    # gains include the stage: they differ from the base flow's
+    assert out["gain_noise_mean"] != out["base_gain_noise_mean"]
+
+
+def test_terminal_refiner_policy_is_not_exported_without_its_stage(tmp_path):
+    """The exported graphs hold the base field only; a host loop over them would skip the refinement stage, so
+    export refuses the policy instead of writing something that acts differently."""
+    from fm_policy.deploy.export import ExportConfig, ExportError, export_policy
+
+    policy = _with_residual(_base_policy(), ResidualConfig(kind="lure", width=8, cond_hidden=8, placement="terminal",
+                                                           refine_steps=2), 0.3)
+    with pytest.raises(ExportError, match="cannot be exported"):
+        export_policy(policy, tmp_path / "export", ExportConfig(format="torchscript", fused_steps=()))

@@ -20,7 +20,7 @@ from fm_policy.residual_policy import ResidualFlowPolicy
 
 torch.set_num_threads(1)
 HORIZON, ACTION_DIM, COND_DIM = 4, 2, 3
-CONTRACTING = ("monotone", "damped")
+CONTRACTING = ("monotone", "damped", "lure")
 
 
 def _perturb(module: torch.nn.Module, scale: float, seed: int) -> None:
@@ -46,7 +46,7 @@ def _base_policy(seed: int = 0) -> FlowPolicy:
 @given(
     kind=st.sampled_from(CONTRACTING),
     seed=st.integers(0, 2**31 - 1),
-    eps=st.sampled_from([0.0, 0.05, 0.7]),
+    eps=st.sampled_from([None, 0.0, 0.05, 0.7]),
     width=st.sampled_from([3, 8, 16]),
     weight_scale=st.floats(0.05, 1.0),
     x_scale=st.floats(0.01, 10.0),
@@ -55,7 +55,8 @@ def _base_policy(seed: int = 0) -> FlowPolicy:
 )
 def test_symmetric_jacobian_bound_holds_for_random_weights(kind, seed, eps, width, weight_scale, x_scale, slope_min,
                                                             lip_ratio):
-    """lambda_max(sym(dr/dx)) <= -guaranteed_rate <= -eps at random points, times, conditions and weights."""
+    """lambda_max(sym(dr/dx)) <= -guaranteed_rate <= -eps at random points, times, conditions and weights (eps None:
+    the kind's default, 0.1 for lure)."""
     config = ResidualConfig(kind=kind, width=width, cond_hidden=16, time_embed_dim=8, eps=eps, slope_min=slope_min,
                             lip_ratio=lip_ratio)
     residual = build_residual(config, HORIZON, ACTION_DIM, COND_DIM).double()
@@ -67,8 +68,49 @@ def test_symmetric_jacobian_bound_holds_for_random_weights(kind, seed, eps, widt
     cond = 3.0 * torch.randn(batch, COND_DIM, generator=generator, dtype=torch.float64)
     mu = sym_jacobian_max_eig(lambda z: residual.flat(t, z, cond), x)
     rate = residual.guaranteed_rate(t, cond).detach()
-    assert rate.shape == (batch,) and (rate >= eps).all()
+    assert rate.shape == (batch,) and (rate >= config.rate_floor).all()
+    assert config.rate_floor == (eps if eps is not None else (0.1 if kind == "lure" else 0.0))
     assert (mu <= -rate + 1e-9 * (1.0 + rate)).all(), (mu, rate)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), width=st.sampled_from([1, 5, 12, 40]), scale=st.floats(0.01, 3.0),
+       horizon=st.sampled_from([1, 3]), action_dim=st.sampled_from([1, 4]))
+def test_lure_weights_satisfy_the_contraction_lmi_for_any_parameters(seed, width, scale, horizon, action_dim):
+    """The direct parameterisation maps any free parameters to (A, B, C, L) with
+    H = [[-(A + A^T), -(B + C^T L)], [., 2 L]] >= 0 (min eigenvalue >= 0 up to rounding), the LMI whose
+    consequence, mu(d/dx [A x + B tanh(C x + b)]) <= 0, the Jacobian test above checks."""
+    residual = build_residual(ResidualConfig(kind="lure", width=width, cond_hidden=8, time_embed_dim=8),
+                              horizon, action_dim, COND_DIM).double()
+    _perturb(residual, scale, seed)
+    h = residual.lmi_matrix().detach()
+    assert h.shape == (horizon * action_dim + width,) * 2
+    torch.testing.assert_close(h, h.T)
+    eigs = torch.linalg.eigvalsh(h)
+    assert eigs[0] >= -1e-12 * max(1.0, float(eigs[-1])), eigs[0]
+
+
+@pytest.mark.parametrize("task,horizon,action_dim", [("Push-T", 16, 2), ("Robomimic", 16, 7), ("Kitchen", 16, 9)])
+def test_lure_certifies_a_positive_rate_at_every_task_size_where_monotone_cannot(task, horizon, action_dim):
+    """d = 32 / 112 / 144 with the default width 64: the lure kind certifies its default rate 0.1 at init and after
+    random weights, and the measured log-norm respects it; the monotone kind's learned rate is 0 whenever d > width
+    (its W has rank <= 64 < d), so at its default eps = 0 it certifies nothing at Robomimic / Kitchen sizes."""
+    t, cond = torch.rand(2, dtype=torch.float64), torch.randn(2, COND_DIM, dtype=torch.float64)
+    lure = build_residual(ResidualConfig(kind="lure"), horizon, action_dim, COND_DIM).double()
+    assert torch.allclose(lure.guaranteed_rate(t, cond), torch.full((2,), 0.1, dtype=torch.float64))
+    _perturb(lure, 0.2, 3)
+    rate = lure.guaranteed_rate(t, cond).detach()
+    assert (rate >= 0.1).all()
+    x = torch.randn(2, horizon * action_dim, dtype=torch.float64)
+    mu = sym_jacobian_max_eig(lambda z: lure.flat(t, z, cond), x)
+    assert (mu <= -rate + 1e-9).all(), (task, mu, rate)
+    monotone = build_residual(ResidualConfig(kind="monotone"), horizon, action_dim, COND_DIM).double()
+    _perturb(monotone, 0.2, 3)
+    monotone_rate = monotone.guaranteed_rate(t, cond).detach()
+    if horizon * action_dim > 64:
+        assert torch.equal(monotone_rate, torch.zeros(2, dtype=torch.float64))
+    else:
+        assert (monotone_rate > 0).all()  # Push-T: W (64 x 32) has full column rank
 
 
 def test_jacobian_helper_matches_autograd_and_power_iteration():
@@ -87,6 +129,16 @@ def test_jacobian_helper_matches_autograd_and_power_iteration():
     power = sym_jacobian_max_eig(lambda z: residual.flat(t, z, cond), x, method="power", iters=200,
                                  generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(power, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_lure_starts_at_minus_eps_x_and_at_exactly_zero_with_eps_zero():
+    """A strictly positive rate at init forbids a zero start (J = 0 there); lure's default start is -0.1 x."""
+    x, t, cond = 4.0 * torch.randn(5, HORIZON, ACTION_DIM), torch.rand(5), torch.randn(5, COND_DIM)
+    default = build_residual(ResidualConfig(kind="lure"), HORIZON, ACTION_DIM, COND_DIM)
+    torch.testing.assert_close(default(t, x, cond), -0.1 * x)
+    zero = build_residual(ResidualConfig(kind="lure", eps=0.0), HORIZON, ACTION_DIM, COND_DIM)
+    assert not zero(t, x, cond).any()
+    assert torch.equal(zero.guaranteed_rate(t, cond), torch.zeros(5))
 
 
 @pytest.mark.parametrize("kind", ["monotone", "damped", "free"])
@@ -116,7 +168,7 @@ def test_zero_init_residual_policy_reproduces_base_actions_exactly(kind):
         assert torch.equal(policy.predict_action_chunk(obs, num_steps=steps, solver=solver, noise=noise), expected)
 
 
-@pytest.mark.parametrize("kind", ["monotone", "damped", "free"])
+@pytest.mark.parametrize("kind", ["monotone", "damped", "free", "lure"])
 def test_residual_learns_from_zero_init_and_base_stays_frozen(kind):
     """At exact zero init the loss still has a non-zero gradient on the residual (no dead start), none on the base."""
     policy = ResidualFlowPolicy.from_base(_base_policy(), ResidualConfig(kind=kind, width=16, cond_hidden=16))
@@ -126,6 +178,9 @@ def test_residual_learns_from_zero_init_and_base_stays_frozen(kind):
     policy.compute_loss(batch)["loss"].backward()
     grad_norm = sum(float(p.grad.norm()) for p in policy.parameters() if p.grad is not None)
     assert grad_norm > 0
+    if kind == "lure":  # every weight of the parameterisation gets a first-order gradient at its zero start
+        for name in ("k", "y", "c", "drift_head.weight"):
+            assert policy.residual.get_parameter(name).grad.abs().sum() > 0, name
     assert all(p.grad is None for n, p in policy.named_parameters() if not n.startswith("residual."))
 
 
@@ -159,10 +214,28 @@ def test_residual_policy_saves_and_loads_with_its_residual_config(tmp_path):
     assert not torch.equal(a, _base_policy().predict_action_chunk(obs, num_steps=3, noise=noise))
 
 
+def test_residual_policies_saved_before_the_lure_kind_and_placements_still_load():
+    """A residual config written before `eps` defaulted per kind and before `placement` / `refine_steps` existed
+    (format 2 without those keys, and the format-1 flat layout) loads as the same monotone residual it was."""
+    from fm_policy.factory import policy_config_from_dict
+
+    values = {"type": "flow_residual", "n_obs_steps": 2, "horizon": HORIZON, "n_action_steps": 2,
+              "action_dim": ACTION_DIM, "obs_shapes": {"state": [COND_DIM]},
+              "network": {"kind": "mlp", "hidden_dims": [32, 32], "time_embed_dim": 16},
+              "residual": {"kind": "monotone", "width": 16, "cond_hidden": 16, "time_embed_dim": 32, "eps": 0.0,
+                           "slope_min": 0.1, "lip_ratio": 0.5}}
+    config = policy_config_from_dict(values, "old config.json", {"format": 2})
+    assert config.residual.placement == "velocity" and config.residual.rate_floor == 0.0
+    v1 = {k: v for k, v in values.items() if k != "residual"}
+    config = policy_config_from_dict(v1, "v1 config.json", {"policy": v1, "residual": {"width": 16}})
+    assert config.residual.kind == "monotone" and config.residual.rate_floor == 0.0
+
+
 def test_bad_residual_configs_are_rejected():
     from fm_policy.config import ConfigError
 
-    for bad in ({"kind": "lmi"}, {"eps": -1.0}, {"lip_ratio": 1.0}, {"slope_min": 1.5}, {"time_embed_dim": 5}):
+    for bad in ({"kind": "lmi"}, {"eps": -1.0}, {"lip_ratio": 1.0}, {"slope_min": 1.5}, {"time_embed_dim": 5},
+                {"placement": "before"}, {"refine_steps": 0}):
         with pytest.raises(ConfigError):
             build_residual(ResidualConfig(**bad), HORIZON, ACTION_DIM, COND_DIM)
     with pytest.raises(TypeError, match="plain FlowPolicy"):

@@ -10,8 +10,13 @@ Two measurements, both on the flattened action chunk x (B, d), d = horizon * act
 
 For a residual policy the Jacobian statistics are reported for the full field, the frozen base and the residual
 alone, next to the residual's certified rate, so the residual's by-construction bound can be checked against the
-measurement and against the base field's expansion it has to beat. `analyze_flow(checkpoint)` runs it all on a
-saved policy; every result is a flat dict of floats.
+measurement and against the base field's expansion it has to beat. Side by side with them, the input-to-state view
+of the refined sampler, measured by finite perturbation: the gain from the initial noise, from a mid-trajectory
+state and from the observation (a disturbance of the normalised observation) to the action chunk, for the refined
+sampler and (`base_gain_*`) for the frozen base alone. What the residual learned is split into its drift r(t, 0 | c)
+(x-independent: a shift of the sampler) and its x-dependent part r(t, x | c) - r(t, 0 | c) (the part that shapes
+contraction), both as norms along the deployed trajectories next to the base field's. `analyze_flow(checkpoint)`
+runs it all on a saved policy; every result is a flat dict of floats.
 """
 
 from __future__ import annotations
@@ -144,6 +149,7 @@ def _unit_directions(shape: torch.Size, generator: torch.Generator | None, like:
 def perturbation_test(
     velocity: ChunkField, x0: Tensor, num_steps: int = 8, solver: str = "euler", delta: float = 1e-2,
     t_disturb: float = 0.5, generator: torch.Generator | None = None,
+    finish: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """How far the final chunk moves when a random disturbance of norm `delta` is injected.
 
@@ -152,13 +158,16 @@ def perturbation_test(
       same sampler continues for the remaining steps (k = 0 is the noise case; k = num_steps moves the output by
       exactly delta).
     Keys: `perturb_<where>_{mean,max}` (final displacement norm, normalised action units) and
-    `gain_<where>_{mean,max}` (displacement / delta).
+    `gain_<where>_{mean,max}` (displacement / delta). `finish`: a stage applied to every final state (a terminal
+    refiner), so the gains are those of the whole sampler.
     """
     ref = solve(velocity, x0, solver, num_steps, return_trajectory=True)
+    end = finish or (lambda x: x)
+    ref_out = end(ref.x)
     out: dict[str, float] = {}
 
     def record(where: str, moved: Tensor) -> None:
-        dist = (moved - ref.x).flatten(1).norm(dim=1)
+        dist = (end(moved) - ref_out).flatten(1).norm(dim=1)
         out[f"perturb_{where}_mean"] = float(dist.mean())
         out[f"perturb_{where}_max"] = float(dist.max())
         out[f"gain_{where}_mean"] = float(dist.mean() / delta)
@@ -175,15 +184,92 @@ def perturbation_test(
 
 
 @torch.no_grad()
+def observation_gain(
+    policy: torch.nn.Module, obs: Mapping[str, Tensor], noise: Tensor,
+    velocity: Callable[[Tensor, Tensor, Tensor], Tensor], num_steps: int, solver: str, delta: float = 1e-2,
+    generator: torch.Generator | None = None,
+    finish: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Gain from an observation disturbance to the action chunk, by finite perturbation.
+
+    The normalised low-dimensional observation window (all such keys and steps together; camera images, uint8, are
+    kept as they are) is moved by a random direction of norm `delta` and the chunk is sampled again from the same
+    noise; the displacement of the final chunk (normalised action units) divided by delta is the
+    observation-to-action gain, the ISS gain of the sampler with the observation as its input. `velocity(t, x,
+    cond)` is the field to integrate, `finish(x, cond)` an optional terminal stage. Keys: `gain_obs_{mean,max}`,
+    `perturb_obs_{mean,max}` (none for a policy that observes images only).
+    """
+    images = set(getattr(policy, "image_keys", ()))
+    normalized = {k: obs[k].to(noise.device) if k in images
+                  else policy.normalizer.normalize(k, obs[k].to(noise.device, torch.float32))
+                  for k in policy.obs_shapes}
+    directions = {k: torch.randn(v.shape, generator=generator).to(v) for k, v in normalized.items() if k not in images}
+    if not directions:
+        return {}
+    norm = torch.sqrt(sum(d.flatten(1).square().sum(1) for d in directions.values()))
+    moved = {k: v + delta * directions[k] / norm.reshape((-1,) + (1,) * (v.ndim - 1)) if k in directions else v
+             for k, v in normalized.items()}
+
+    def sample(cond: Tensor) -> Tensor:
+        x = solve(lambda t, x: velocity(t, x, cond), noise, solver, num_steps).x
+        return finish(x, cond) if finish is not None else x
+
+    dist = (sample(policy.encoder(moved)) - sample(policy.encoder(normalized))).flatten(1).norm(dim=1)
+    return {"perturb_obs_mean": float(dist.mean()), "perturb_obs_max": float(dist.max()),
+            "gain_obs_mean": float(dist.mean() / delta), "gain_obs_max": float(dist.max() / delta)}
+
+
+def _norm_stats(prefix: str, values: list[Tensor]) -> dict[str, float]:
+    stacked = torch.cat(values)
+    return {f"{prefix}_mean": float(stacked.mean()), f"{prefix}_max": float(stacked.max())}
+
+
+@torch.no_grad()
+def residual_decomposition(residual: torch.nn.Module, base: ChunkField | None, cond: Tensor, states: Tensor,
+                           times: Tensor) -> dict[str, float]:
+    """What a residual learned, at trajectory states (K, B, H, A) and their times (K,): the norms (over the flattened
+    chunk) of its drift r(t, 0 | c), of its x-dependent part r(t, x | c) - r(t, 0 | c) and of the whole r, next to the
+    base field's norm at the same points (`base_velocity_norm_*`, absent when `base` is None)."""
+    drift, xdep, whole, base_norm = [], [], [], []
+    batch = cond.shape[0]
+    for x, t_value in zip(states, times.tolist()):
+        t = torch.full((batch,), t_value, dtype=x.dtype, device=x.device)
+        r0 = residual(t, torch.zeros_like(x), cond)
+        rx = residual(t, x, cond)
+        drift.append(r0.flatten(1).norm(dim=1))
+        xdep.append((rx - r0).flatten(1).norm(dim=1))
+        whole.append(rx.flatten(1).norm(dim=1))
+        if base is not None:
+            base_norm.append(base(t, x).flatten(1).norm(dim=1))
+    out = {**_norm_stats("residual_drift_norm", drift), **_norm_stats("residual_xdep_norm", xdep),
+           **_norm_stats("residual_norm", whole)}
+    if base_norm:
+        out.update(_norm_stats("base_velocity_norm", base_norm))
+    return out
+
+
+@torch.no_grad()
 def analyze_policy(
     policy: torch.nn.Module, obs: Mapping[str, Tensor], num_steps: int | None = None, solver: str | None = None,
     delta: float = 1e-2, t_disturb: float = 0.5, seed: int = 0, jacobian: str = "exact",
 ) -> dict[str, float]:
-    """Contraction and perturbation statistics of a flow(-residual) policy for an observation batch.
+    """Contraction, disturbance-gain and residual statistics of a flow(-residual) policy for an observation batch.
 
-    Uses the policy's deployed solver / step count unless given. Jacobian stats for `full` (the sampled field), and
-    for a residual policy also `base` and `residual`, plus `certified_rate_{min,mean}` (the residual's by-construction
-    rate, 0 when it has none to give). Everything is in normalised action units.
+    Uses the policy's deployed solver / step count unless given. Side by side:
+
+    * certified: `certified_rate_{min,mean}`, the residual's by-construction rate (0 when it has none to give) at the
+      times the deployed sampler evaluates it;
+    * measured: Jacobian log-norms along the deployed trajectories for `full` (the refined field v_pre + r that is
+      integrated), and for a residual policy also `base` and `residual` (`jac_<field>_*`);
+    * ISS-style gains of the whole sampler by finite perturbation: `gain_noise_*` (initial noise), `gain_mid_*`
+      (state at t_disturb), `gain_obs_*` (normalised observation); for a residual policy also `base_gain_*`, the
+      frozen base sampler's, so the effect of the refiner reads directly;
+    * what the residual learned: `residual_drift_norm_*`, `residual_xdep_norm_*`, `residual_norm_*` and
+      `base_velocity_norm_*` along the deployed trajectories (`residual_decomposition`).
+
+    A terminal-placement residual (`residual.placement=terminal`) refines the flow's output for its own `refine_steps`
+    Euler steps in refinement time s in [0, 1]: its Jacobian, certificate and decomposition are taken along that
+    stage (`refine_steps` in the output), the gains include it. Everything is in normalised action units.
     """
     if not hasattr(policy, "velocity"):
         raise UserError(f"{type(policy).__name__} has no velocity field: contraction analysis is for flow policies")
@@ -200,47 +286,87 @@ def analyze_policy(
 
     fields: dict[str, ChunkField] = {"full": full}
     residual = getattr(policy, "residual", None)
+    terminal = residual is not None and getattr(policy, "refine_steps", 0) > 0
+    finish = (lambda x: policy.refine(x, cond)) if terminal else None
     out: dict[str, float] = {"n": float(batch), "num_steps": float(steps), "delta": delta}
     if residual is not None:
-        fields["base"] = lambda t, x: policy.base_velocity(t, x, cond)
-        fields["residual"] = lambda t, x: residual(t, x, cond)
+        refine_steps = policy.refine_steps if terminal else steps
+        if terminal:
+            out["refine_steps"] = float(refine_steps)
         rates = []
-        for t_value in torch.linspace(0, 1, steps + 1)[:-1].tolist():
+        for t_value in torch.linspace(0, 1, refine_steps + 1)[:-1].tolist():
             rate = residual.guaranteed_rate(torch.full((batch,), t_value, device=cond.device), cond)
             rates.append(torch.zeros(batch) if rate is None else rate.detach().cpu().reshape(-1).expand(batch))
         rates_t = torch.cat(rates)
         out["certified_rate_min"] = float(rates_t.min())
         out["certified_rate_mean"] = float(rates_t.mean())
+
+        def base_field(t: Tensor, x: Tensor) -> Tensor:
+            return policy.base_velocity(t, x, cond)
+
+        if terminal:  # the flow's field is the base; the residual acts in the refinement stage
+            flow_end = solve(full, noise, method, steps).x
+            stage = policy.refine(flow_end, cond, return_trajectory=True)
+            out.update(contraction_along_trajectories(
+                {"residual": lambda t, x: residual(t, x, cond)}, lambda t, x: residual(t, x, cond), flow_end,
+                refine_steps, "euler", jacobian))
+            out.update(residual_decomposition(residual, None, cond, stage[:-1],
+                                              torch.linspace(0, 1, refine_steps + 1)[:-1]))
+        else:
+            fields["base"] = base_field
+            fields["residual"] = lambda t, x: residual(t, x, cond)
+            traj = solve(full, noise, method, steps, return_trajectory=True)
+            out.update(residual_decomposition(residual, base_field, cond, traj.trajectory[:-1], traj.times[:-1]))
     out.update(contraction_along_trajectories(fields, full, noise, steps, method, jacobian))
-    out.update(perturbation_test(full, noise, steps, method, delta, t_disturb, generator))
+    disturbances = generator.get_state()
+    out.update(perturbation_test(full, noise, steps, method, delta, t_disturb, generator, finish))
+    out.update(observation_gain(policy, obs, noise, policy.velocity, steps, method, delta, generator,
+                                policy.refine if terminal else None))
+    if residual is not None:  # the frozen base sampler alone, from the same noise with the same disturbances
+        base_gen = torch.Generator()
+        base_gen.set_state(disturbances)
+        base_pt = perturbation_test(base_field, noise, steps, method, delta, t_disturb, base_gen)
+        base_pt.update(observation_gain(policy, obs, noise, policy.base_velocity, steps, method, delta, base_gen))
+        out.update({f"base_{k}": v for k, v in base_pt.items() if k.startswith("gain_")})
     return out
 
 
 @torch.no_grad()
-def code_statistics(policy: torch.nn.Module, obs: Mapping[str, Tensor], actions: Tensor, solver: str = "rk4",
-                    num_steps: int = 16, reference_tol: float = 1e-6) -> dict[str, float]:
+def code_statistics(policy: torch.nn.Module, obs: Mapping[str, Tensor], actions: Tensor, solver: str | None = None,
+                    num_steps: int | None = None, tol: float | None = None,
+                    reference_tol: float = 1e-7) -> dict[str, float]:
     """Noise codes of data chunks under the policy's field (what MLE fine-tuning pairs data with: docs/finetuning.md, "The inversion pairing").
 
-    The (B, H, A) env-unit actions are encoded backward twice: with (solver, num_steps), the MLE encode setting, and
-    with dopri5 at rtol = atol = reference_tol. Reported: `code_abs_mean` (mean |per-element mean|) and `code_std`
-    (mean per-element std) of the reference codes, 0 and 1 for a field that transports N(0, I) exactly, and
-    `code_encode_rmse`, the RMS error of the encode setting against the reference. Only the latter tells whether the
-    encode is accurate: a same-solver encode-decode round trip closes even when the codes are wrong (the errors of
-    the two directions cancel), and fields with fast time features need many more steps than smooth ones.
+    The (B, H, A) env-unit actions are encoded backward twice: with (solver, num_steps, tol), the MLE encode setting
+    (default: `MLEConfig`'s), and with dopri5 at rtol = atol = reference_tol. Reported: `code_abs_mean` (mean
+    |per-element mean|) and `code_std` (mean per-element std) of the reference codes, 0 and 1 for a field that
+    transports N(0, I) exactly; `code_encode_rmse`, the RMS error of the encode setting's codes against the
+    reference; `code_redecode_rmse`, how far the encode setting's codes land from their data chunks when decoded by
+    the accurate forward solve (the pairing error in action space, what `fm-policy finetune` checks). A same-solver
+    encode-decode round trip is no test: it closes even when the codes are wrong (the errors of the two directions
+    cancel), and fields with fast time features need many more fixed steps than smooth ones.
     """
+    from fm_policy.finetune.mle import MLEConfig
+
+    defaults = MLEConfig()
+    solver = solver or defaults.encode_solver
+    num_steps = num_steps or defaults.encode_steps
+    tol = tol or defaults.encode_rtol
     cond = policy.encode_obs(obs)
     x1 = policy.normalizer.normalize("action", actions.to(cond.device, torch.float32))
 
     def field(t: Tensor, x: Tensor) -> Tensor:
         return policy.velocity(t, x, cond)
 
-    codes = solve(field, x1, solver, num_steps, t0=1.0, t1=0.0).x
+    codes = solve(field, x1, solver, num_steps, t0=1.0, t1=0.0, rtol=tol, atol=tol).x
     reference = solve(field, x1, "dopri5", 1, t0=1.0, t1=0.0, rtol=reference_tol, atol=reference_tol).x
+    back = solve(field, codes, "dopri5", 1, rtol=reference_tol, atol=reference_tol).x
     flat = reference.flatten(1)
     return {
         "code_abs_mean": float(flat.mean(0).abs().mean()),
         "code_std": float(flat.std(0).mean()) if flat.shape[0] > 1 else math.nan,
         "code_encode_rmse": float((codes - reference).square().mean().sqrt()),
+        "code_redecode_rmse": float((back - x1).square().mean().sqrt()),
     }
 
 
@@ -268,6 +394,9 @@ def _observation_batch(policy: torch.nn.Module, checkpoint_dir: Path, data_path:
         return {k: batch[k] for k in policy.obs_shapes}, batch["action"]
     obs = {}
     for key, shape in policy.obs_shapes.items():
+        if key in getattr(policy, "image_keys", ()):  # camera images: uint8 pixels
+            obs[key] = torch.from_numpy(rng.integers(0, 256, (n, policy.n_obs_steps, *shape), dtype=np.uint8))
+            continue
         stats = policy.normalizer.stats(key)
         u = torch.from_numpy(rng.random((n, policy.n_obs_steps, *shape), dtype=np.float32))
         obs[key] = stats["min"] + u * (stats["max"] - stats["min"])

@@ -10,8 +10,9 @@ error amplified by the flow (docs/finetuning.md, "Why fine-tune the sampler's ou
    and the loss backpropagates through the unrolled steps (the solvers run out of place when grad is on);
 3. Gaussian NLL of x1 under N(x_hat, sigma^2), per real chunk element (fixed, learned scalar, or learned
    per-element sigma);
-4. plus an optional lambda * flow-matching loss of the model's field, which anchors it to a valid transport of
-   N(0, I) while the encoder (the frozen pre-trained flow) stays fixed.
+4. plus an optional flow-matching loss of the model's field, which anchors it to a valid transport of
+   N(0, I) while the encoder (the frozen pre-trained flow) stays fixed; its weight `fm_weight` is relative to the
+   NLL's weight 1 / (2 sigma^2) on the squared reconstruction error (see `MLEConfig.fm_weight`).
 
 `MLEFinetunePolicy` packages the objective as a policy-like module whose `compute_loss` is this loss, so the
 package's Trainer (EMA, checkpoints, exact resume, TensorBoard) runs it unchanged. It saves exactly the tuned policy
@@ -52,10 +53,17 @@ class MLEConfig:
     """Options of the MLE fine-tuning objective (defaults and why: docs/finetuning.md, "Defaults and why")."""
 
     pairing: str = "inversion"  # inversion (encode data with the frozen flow) | independent (fresh noise, ablation)
-    encode_solver: str = "rk4"  # accurate backward solve of the frozen pre-trained field
+    # the backward solve of the frozen pre-trained field. Adaptive by default: fixed-step solvers converge slowly on
+    # fields with fast time features (rk4 x16 codes were 0.19 RMS off the true ones on the 2-D toy policy, 0.26 on
+    # Push-T); the code cache pays the cost once per run (docs/finetuning.md, "Encode accuracy")
+    encode_solver: str = "dopri5"
     encode_steps: int = 16  # fixed-step methods: steps; adaptive (dopri5): ignored, rtol/atol used
-    encode_rtol: float = 1e-5
-    encode_atol: float = 1e-5
+    encode_rtol: float = 1e-6
+    encode_atol: float = 1e-6
+    # the run re-decodes this many codes with an accurate forward solve of the frozen field and compares them with
+    # their data chunks (RMS, normalised action units); above code_check_tol it warns (0 samples: no check)
+    code_check_samples: int = 256
+    code_check_tol: float = 0.01
     decode_solver: str = "euler"  # the deployment solver ...
     decode_steps: int = 1  # ... and step count (fine-tune one model per deployed NFE)
     decode_steps_choices: list[int] = field(default_factory=list)  # non-empty: draw N per batch (any-step model)
@@ -64,7 +72,11 @@ class MLEConfig:
     deploy_steps: int | None = None
     sigma_mode: str = "fixed"  # fixed | scalar (one learned sigma) | per_dim (one learned sigma per chunk element)
     sigma: float = 0.05  # the fixed sigma, or the learned one's initial value (actions normalised to [-1, 1])
-    fm_weight: float | None = None  # lambda of the flow-matching anchor; None: 0.1 for method mle, 0 for residual
+    # lambda of the flow-matching anchor, relative to the reconstruction term: the anchor's loss (a velocity MSE) is
+    # multiplied by fm_weight / (2 sigma^2), the NLL's own weight on the squared reconstruction error (current sigma,
+    # no gradient through it), so fm_weight = 1 weighs a unit of flow-matching MSE like a unit of reconstruction MSE
+    # whatever sigma is. None: 0.1 for method mle, 0 for residual
+    fm_weight: float | None = None
     trainable: str = "all"  # mle: all | last (the last `last_layers` parameterised layers); residual: all = residual
     last_layers: int = 1
     cache_codes: bool = True  # inversion pairing: encode the training windows once (run_dir/codes.safetensors)
@@ -94,6 +106,9 @@ class MLEConfig:
                               f"mle.deploy_steps={min(self.decode_steps_choices)}")
         if self.deploy_steps is not None and self.deploy_steps < 1:
             raise ConfigError(f"mle.deploy_steps must be >= 1, got {self.deploy_steps}")
+        if self.code_check_samples < 0 or not self.code_check_tol > 0:
+            raise ConfigError(f"mle.code_check_samples must be >= 0 and mle.code_check_tol > 0, got "
+                              f"{self.code_check_samples} and {self.code_check_tol}")
 
     @property
     def deployment_steps(self) -> int:
@@ -123,6 +138,11 @@ class GaussianReconstructionNLL(nn.Module):
     @property
     def learned(self) -> bool:
         return self.mode != "fixed"
+
+    def precision(self) -> Tensor:
+        """The NLL's weight on the squared reconstruction error, mean over elements of 1 / (2 sigma^2), detached:
+        the unit the flow-matching anchor is scaled to (`MLEConfig.fm_weight`)."""
+        return (0.5 * torch.exp(-2.0 * self.log_sigma.detach().float())).mean()
 
     def forward(self, x_hat: Tensor, x1: Tensor, mask: Tensor | None = None) -> Tensor:
         log_sigma = self.log_sigma.to(x_hat.dtype)
@@ -201,7 +221,9 @@ class MLEFinetunePolicy(FinetuneWrapper):
         """The tuned model's deployed sampler from codes z (differentiable through the unrolled steps)."""
         c = self.mle_config
         steps = num_steps or c.decode_steps
-        return solve(lambda t, x: self.model.velocity(t, x, cond), z, c.decode_solver, steps).x
+        x = solve(lambda t, x: self.model.velocity(t, x, cond), z, c.decode_solver, steps).x
+        refine = getattr(self.model, "refine", None)  # a residual policy's terminal stage (identity otherwise)
+        return refine(x, cond) if refine is not None else x
 
     def _decode_steps(self) -> int:
         choices = self.mle_config.decode_steps_choices
@@ -221,7 +243,8 @@ class MLEFinetunePolicy(FinetuneWrapper):
         """MLE-of-reconstruction loss (+ fm_weight * flow matching) on a batch of windows; extras are detached.
 
         A batch may carry its noise codes under "code" (normalised chunk shape): inversions of a fixed data set
-        cached once instead of re-solved every epoch, which is most of a step's cost (rk4 x16 = 64 NFE).
+        cached once instead of re-solved every epoch, which is most of a step's cost (the default adaptive encode
+        takes hundreds of network evaluations per batch, rk4 x16 64).
         """
         model = self.model
         obs = {k: batch[k] for k in model.obs_shapes}
@@ -234,7 +257,7 @@ class MLEFinetunePolicy(FinetuneWrapper):
         loss = nll
         if self.fm_weight > 0:
             fm = model._loss(x1, cond, mask)["loss"]
-            loss = loss + self.fm_weight * fm
+            loss = loss + (self.fm_weight * self.objective.precision()) * fm  # relative to the NLL (MLEConfig)
             out["fm_loss"] = fm.detach()
         out["loss"] = loss
         return out

@@ -20,8 +20,15 @@ import torch
 from fm_policy.config import ConfigError, config_to_yaml, load_config
 from fm_policy.datasets.policy_data import DataConfig, build_policy_data
 from fm_policy.datasets.sampler import SequenceDataset
+from fm_policy.distributed import main_process_first
 from fm_policy.factory import load_policy
-from fm_policy.finetune.codes import CODES_FILE, cached_codes
+from fm_policy.finetune.codes import (
+    CODES_FILE,
+    cached_codes,
+    check_codes,
+    checkpoint_content_hash,
+    windows_content_hash,
+)
 from fm_policy.finetune.gft import GFTConfig, GFTFinetunePolicy, gft_finetune_policy
 from fm_policy.finetune.mle import MLEConfig, MLEFinetunePolicy, mle_finetune_policy
 from fm_policy.flow_policy import FlowPolicy
@@ -119,6 +126,19 @@ def _check_data_matches(policy: MLEFinetunePolicy | GFTFinetunePolicy, arrays: d
                           f"{policy.config.action_dim}")
 
 
+def code_fingerprint(config: FinetuneConfig, policy: MLEFinetunePolicy, train: SequenceDataset) -> dict[str, object]:
+    """What the cached codes are a function of, by content: the pre-trained checkpoint's content hash (not its path),
+    the training windows' data digest (the store's path only when the data are not in memory), the encode solver
+    settings. Not the method: mle and residual encode with the same frozen field."""
+    c = config.mle
+    keys = [*policy.obs_shapes, "action"]
+    data_hash = windows_content_hash(train, keys)
+    skip = {"num_workers"} if data_hash is None else {"num_workers", "path"}  # loader workers: no effect on codes
+    return {"checkpoint": checkpoint_content_hash(config.checkpoint),
+            "data": {k: v for k, v in asdict(config.data).items() if k not in skip}, "data_hash": data_hash,
+            "encode": [c.encode_solver, c.encode_steps, c.encode_rtol, c.encode_atol], "windows": len(train)}
+
+
 def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune (or resume) the run described by `config`; returns the newest checkpoint directory.
 
@@ -134,15 +154,21 @@ def finetune(config: FinetuneConfig) -> Path:
     config.data = resolve_data_config(config, policy.model)
     data = build_policy_data(config.data, pcfg.horizon, pcfg.n_obs_steps, pcfg.n_action_steps)
     _check_data_matches(policy, data.arrays)
-    if config.method not in GFT_METHODS and config.mle.cache_codes and config.mle.pairing == "inversion":
+    code_check: dict[str, float] = {}
+    if config.method not in GFT_METHODS and config.mle.pairing == "inversion":
         c = config.mle
-        data_keys = {k: v for k, v in asdict(config.data).items() if k != "num_workers"}  # loader workers: no effect
-        fingerprint = {"checkpoint": str(Path(config.checkpoint).resolve()), "data": data_keys,
-                       "encode": [c.encode_solver, c.encode_steps, c.encode_rtol, c.encode_atol],
-                       "windows": len(data.train)}  # not the method: mle and residual encode with the same field
-        codes = cached_codes(policy, data.train, Path(config.run_dir) / CODES_FILE, fingerprint,
-                             progress=config.loop.progress)
-        data.train = SequenceDataset(data.train.sampler, {"code": codes})
+        codes = None
+        if c.cache_codes:
+            with main_process_first(config.loop.device):  # data-parallel: the main process encodes, others read
+                codes = cached_codes(policy, data.train, Path(config.run_dir) / CODES_FILE,
+                                     code_fingerprint(config, policy, data.train), progress=config.loop.progress)
+            data.train = SequenceDataset(data.train.sampler, {"code": codes})
+        code_check = check_codes(policy, data.train, codes, c.code_check_samples, c.code_check_tol,
+                                 seed=config.loop.seed)
+        if code_check:
+            print(f"finetune: codes re-decoded accurately miss their data by RMS {code_check['code_redecode_rmse']:.3g}"
+                  f" (worst window {code_check['code_redecode_max']:.3g}; {int(code_check['code_check_n'])} windows, "
+                  f"normalised actions)")
     n_trainable = sum(p.numel() for p in policy.parameters())
     n_total = sum(p.numel() for p in policy.model.parameters())
     if isinstance(policy, GFTFinetunePolicy):
@@ -151,14 +177,15 @@ def finetune(config: FinetuneConfig) -> Path:
                      + (f" ({g.stages} stages, beta {g.beta:g})" if g.schedule == "step" else "")
                      + f", teacher {g.teacher or config.checkpoint}" if g.w0 > 0 else "plain flow matching (w = 0)")
     else:
-        objective = (f"decode {config.mle.decode_solver} x{config.mle.decode_steps}, pairing {config.mle.pairing}, "
-                     f"fm_weight {policy.fm_weight:g}")
+        steps = config.mle.decode_steps_choices or config.mle.decode_steps
+        objective = (f"decode {config.mle.decode_solver} x{steps}, pairing {config.mle.pairing}, "
+                     f"fm_weight {policy.fm_weight:g} (relative to the NLL)")
     return run_trainer(
         policy, data, config,
         describe=f"finetune {config.method} of {config.checkpoint}: {n_trainable / 1e6:.3f} M of "
                  f"{n_total / 1e6:.2f} M parameters trainable; {objective}; "
                  f"{len(data.train)} training windows of {data.source}",
-        session_extra={"method": config.method},
+        session_extra={"method": config.method, **({"code_check": code_check} if code_check else {})},
     )
 
 

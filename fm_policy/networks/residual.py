@@ -8,6 +8,28 @@ and the observation embedding only through terms that do not depend on x (so con
 
 Kinds and the exact guarantee each gives, with J = dr/dx and mu(J) = lambda_max((J + J^T) / 2):
 
+* ``lure`` (a Lur'e-type network whose contraction LMI holds by construction; not the default, see below):
+
+      r = p(t, c) - (eps + a(t, c)) x + nu(t, c) [A x + B s(C x + b(t, c))],   s = tanh (slope in [0, 1])
+
+  With a diagonal multiplier L > 0, the incremental quadratic constraint of a slope-[0, 1] nonlinearity turns
+  "A x + B s(C x + b) contracts (rate >= 0) in the Euclidean metric" into the linear matrix inequality
+
+      H = [[-(A + A^T), -(B + C^T L)], [-(B + C^T L)^T, 2 L]]  >= 0.
+
+  Instead of constraining weights to it, free parameters K (d x m), Y (d x d), C (m x d), l (m) are *mapped* onto
+  weights that satisfy it (a direct parameterisation, as for contracting recurrent-equilibrium networks, here with
+  identity metric and no feedthrough, so there is no implicit layer to solve):
+
+      L = diag(exp(l)),  S = (2 L)^(1/2),  A = -(K K^T + Y - Y^T) / 2,  B = -K S - C^T L,
+
+  for which H = [K; S] [K; S]^T >= 0 for every parameter value. Hence mu(J) <= -(eps + a(t, c)) at every x, t, c and
+  for every weight value, whatever the width m and the chunk size d. `eps` defaults to a strictly positive rate for
+  this kind (see `ResidualConfig.eps`), a(t, c) = max(g, 0) softplus(...) is a learned extra rate gated like the
+  damped kind's, nu = softplus(...) > 0 a time- and observation-dependent strength, and Y - Y^T a skew (rotation)
+  part the monotone kind cannot express. All of K, Y, C and the drift head start at 0, so the residual starts at
+  -eps x; each still gets a first-order gradient at 0 (A and B are linear in Y and K; s(b) != 0 feeds C).
+
 * ``monotone`` ("viscous": a drift plus the negative gradient of a convex potential):
 
       r = p(t, c) - nu(t, c) W^T s(W x + b(t, c)) - eps x,    s(u) = beta u + (1 - beta) tanh(u),  s' in [beta, 1]
@@ -43,10 +65,21 @@ and the correction it needs is an expansion, so a contracting residual barely he
 `free` residual does); at N >= 2-4 it does reduce the reconstruction error.
 
 Zero init and a strictly positive guaranteed rate are incompatible for *any* parameterisation: a field that is
-identically 0 has J = 0. So `eps` (default 0) is the rate that holds from the first step on; with eps = 0 the
-residual is exactly zero at init (the residual policy then reproduces the base policy bit for bit) and its learned
-rate (`guaranteed_rate`) grows from 0 as W / the gate move away from zero. `guaranteed_rate(t, cond)` returns the
-certified per-sample rate, which `fm_policy.finetune.contraction` compares with measured Jacobians.
+identically 0 has J = 0. So `eps` is the rate that holds from the first step on. For ``monotone``, ``damped`` and
+``free`` it defaults to 0: the residual is exactly zero at init (the residual policy then reproduces the base policy
+bit for bit) and its learned rate (`guaranteed_rate`) grows from 0 as W / the gate move away from zero (for
+``monotone`` only if width >= d: its rate is 0 whenever width < horizon * action_dim). ``lure`` defaults to
+eps = DEFAULT_EPS["lure"] > 0 for every chunk size, at the price of starting at -eps x instead of 0.
+
+`guaranteed_rate(t, cond)` returns the certified per-sample rate, which `fm_policy.finetune.contraction` compares
+with measured Jacobians.
+
+Why ``monotone`` stays the default kind (2-D toy of tests/test_mle_finetune.py, held-out reconstruction MSE after
+MLE fine-tuning at lr 1e-2; docs/finetuning.md): ``lure`` at its default eps = 0.1 is better at 2 Euler steps after
+150 steps (0.0066 vs 0.0077) but worse at 4 (0.00066 vs 0.00057) and after 40 steps at 1 and 2 (0.151 / 0.0185 vs
+0.103 / 0.0144), and it no longer reproduces the base policy at init. At equal eps = 0 it beats ``monotone`` at
+2 and 4 steps (0.0117 / 0.00107 vs 0.0144 / 0.00134 after 40 steps). Not strictly better at its defaults, so choose
+it (``residual.kind=lure``) when a certificate at every chunk size is what matters.
 
 Caveat (docs/finetuning.md, "What is certified"): contraction of r alone does not make v_pre + r contracting; that needs the residual's rate to
 exceed the base field's positive log-norm (measure both with `fm_policy.finetune.contraction`). A very stiff residual
@@ -66,7 +99,10 @@ from torch import Tensor, nn
 from fm_policy.config import ConfigError
 from fm_policy.networks.embeddings import SinusoidalTimeEmbedding
 
-RESIDUAL_KINDS: tuple[str, ...] = ("monotone", "damped", "free")
+RESIDUAL_KINDS: tuple[str, ...] = ("lure", "monotone", "damped", "free")
+PLACEMENTS: tuple[str, ...] = ("velocity", "terminal")
+# the contraction rate each kind guarantees for all weights when `eps` is not set (lure: > 0 for every chunk size)
+DEFAULT_EPS: dict[str, float] = {"lure": 0.1, "monotone": 0.0, "damped": 0.0, "free": 0.0}
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1: scale heads start at 1
 
 
@@ -75,13 +111,20 @@ _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1: scale he
 class ResidualConfig:
     """Architecture of the residual field; saved in the residual policy's config.json under "residual"."""
 
-    kind: str = "monotone"  # monotone | damped | free
-    width: int = 64  # monotone: number of units m (m >= d gives a full-rank learned rate); damped/free: hidden width
+    # monotone | lure (LMI by construction, positive rate by default) | damped | free (ablation, no guarantee)
+    kind: str = "monotone"
+    width: int = 64  # lure/monotone: nonlinear units m (monotone needs m >= d for a learned rate); damped/free: hidden
     cond_hidden: int = 128  # conditioning MLP of (time embedding, obs embedding)
     time_embed_dim: int = 32
-    eps: float = 0.0  # contraction rate guaranteed for all weights; > 0 means the residual starts at -eps x, not 0
+    # contraction rate guaranteed for all weights (flow-time units, normalised actions); > 0 means the residual starts
+    # at -eps x, not 0. None: the kind's default, DEFAULT_EPS (lure 0.1, the others 0)
+    eps: float | None = None
     slope_min: float = 0.1  # monotone: slope range [slope_min, 1] of s, so the learned rate is >= 0 beta sigma_min^2
     lip_ratio: float = 0.5  # damped: Lip_x(g) <= lip_ratio * k, rate (1 - lip_ratio) k
+    # velocity: v = v_pre + r throughout the flow | terminal: the base flow unchanged, then refine_steps Euler steps
+    # of dx/ds = r(s, x | c), s in [0, 1], a contracting refinement stage after the few-step flow
+    placement: str = "velocity"
+    refine_steps: int = 2  # terminal placement only
 
     def validate(self) -> None:
         if self.kind not in RESIDUAL_KINDS:
@@ -90,12 +133,21 @@ class ResidualConfig:
             raise ConfigError("residual.width and residual.cond_hidden must be >= 1")
         if self.time_embed_dim < 4 or self.time_embed_dim % 2:
             raise ConfigError(f"residual.time_embed_dim must be even and >= 4, got {self.time_embed_dim}")
-        if self.eps < 0:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"residual.placement '{self.placement}' is unknown; choose one of {list(PLACEMENTS)}")
+        if self.refine_steps < 1:
+            raise ConfigError(f"residual.refine_steps must be >= 1, got {self.refine_steps}")
+        if self.eps is not None and self.eps < 0:
             raise ConfigError(f"residual.eps must be >= 0, got {self.eps}")
         if not 0.0 <= self.slope_min <= 1.0:
             raise ConfigError(f"residual.slope_min must be in [0, 1], got {self.slope_min}")
         if not 0.0 <= self.lip_ratio < 1.0:
             raise ConfigError(f"residual.lip_ratio must be in [0, 1), got {self.lip_ratio}")
+
+    @property
+    def rate_floor(self) -> float:
+        """The rate guaranteed for every weight value: `eps`, or the kind's default when it is None."""
+        return DEFAULT_EPS.get(self.kind, 0.0) if self.eps is None else float(self.eps)
 
 
 class _Conditioner(nn.Module):
@@ -149,6 +201,7 @@ class ResidualField(nn.Module):
         self.chunk_shape = (horizon, action_dim)
         self.dim = horizon * action_dim
         self.cond_dim = cond_dim
+        self.eps = config.rate_floor
 
     def forward(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], self.dim)
@@ -183,13 +236,13 @@ class MonotoneResidual(ResidualField):
         nu = F.softplus(self.scale_head(h))  # (B, 1), > 0
         pre = x @ self.weight.T + self.bias_head(h)  # (B, m)
         out = self.drift_head(h) - nu * (self._activation(pre) @ self.weight)
-        return out - self.config.eps * x if self.config.eps else out
+        return out - self.eps * x if self.eps else out
 
     def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor:
         nu = F.softplus(self.scale_head(self.cond_net(t, cond))).squeeze(-1)
         svals = torch.linalg.svdvals(self.weight)  # min(m, d) values, descending
         sigma_min = svals[-1] if self.weight.shape[0] >= self.dim else svals.new_zeros(())
-        return self.config.eps + nu * self.config.slope_min * sigma_min.square()
+        return self.eps + nu * self.config.slope_min * sigma_min.square()
 
 
 class DampedLipschitzResidual(ResidualField):
@@ -222,11 +275,59 @@ class DampedLipschitzResidual(ResidualField):
         h = self.cond_net(t, cond)
         inner = x - self.config.lip_ratio * self._lipschitz_part(x, h)
         out = self.drift_head(h) - self._k(h) * inner
-        return out - self.config.eps * x if self.config.eps else out
+        return out - self.eps * x if self.eps else out
 
     def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor:
         k = self._k(self.cond_net(t, cond)).squeeze(-1)
-        return self.config.eps + (1.0 - self.config.lip_ratio) * k
+        return self.eps + (1.0 - self.config.lip_ratio) * k
+
+
+class LureResidual(ResidualField):
+    """r = p - (eps + a) x + nu [A x + B tanh(C x + b)] with (A, B, C) a direct parameterisation of the contraction
+    LMI (module docstring): mu(dr/dx) <= -(eps + a(t, c)) for every weight value and every chunk size."""
+
+    def __init__(self, horizon: int, action_dim: int, cond_dim: int, config: ResidualConfig) -> None:
+        super().__init__(horizon, action_dim, cond_dim, config)
+        d, m = self.dim, config.width
+        self.cond_net = _Conditioner(cond_dim, config.cond_hidden, config.time_embed_dim)
+        self.drift_head = _zero_head(config.cond_hidden, d)
+        self.bias_head = nn.Linear(config.cond_hidden, m)  # random: tanh(b) != 0, so C and K learn at once
+        self.scale_head = _scale_head(config.cond_hidden)  # nu starts at 1
+        self.rate_head = _scale_head(config.cond_hidden)
+        self.gate = nn.Parameter(torch.zeros(()))  # learned extra rate a = max(gate, 0) softplus(.): 0 at init
+        self.k = nn.Parameter(torch.zeros(d, m))
+        self.y = nn.Parameter(torch.zeros(d, d))
+        self.c = nn.Parameter(torch.zeros(m, d))
+        self.log_multiplier = nn.Parameter(torch.zeros(m))  # L = diag(exp(l))
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(A (d, d), B (d, m), C (m, d)) of the current parameters; they satisfy the LMI by construction."""
+        lam = torch.exp(self.log_multiplier)
+        s = torch.sqrt(2.0 * lam)
+        a = -0.5 * (self.k @ self.k.T + self.y - self.y.T)
+        b = -(self.k * s) - self.c.T * lam
+        return a, b, self.c
+
+    def lmi_matrix(self) -> Tensor:
+        """H = [[-(A + A^T), -(B + C^T L)], [., 2 L]] (d + m square); >= 0 is the contraction certificate."""
+        a, b, c = self.weights()
+        lam = torch.exp(self.log_multiplier)
+        off = -(b + c.T * lam)
+        return torch.cat([torch.cat([-(a + a.T), off], 1), torch.cat([off.T, torch.diag(2.0 * lam)], 1)], 0)
+
+    def _rate(self, h: Tensor) -> Tensor:
+        return _StraightThroughReLU.apply(self.gate) * F.softplus(self.rate_head(h))  # (B, 1), >= 0
+
+    def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
+        h = self.cond_net(t, cond)
+        a, b, c = self.weights()
+        nu = F.softplus(self.scale_head(h))  # (B, 1), > 0
+        network = x @ a.T + torch.tanh(x @ c.T + self.bias_head(h)) @ b.T
+        damping = self._rate(h) + self.eps if self.eps else self._rate(h)
+        return self.drift_head(h) - damping * x + nu * network
+
+    def guaranteed_rate(self, t: Tensor, cond: Tensor) -> Tensor:
+        return self.eps + self._rate(self.cond_net(t, cond)).squeeze(-1)
 
 
 class FreeResidual(ResidualField):
@@ -244,13 +345,14 @@ class FreeResidual(ResidualField):
 
     def flat(self, t: Tensor, x: Tensor, cond: Tensor) -> Tensor:
         out = self.out(self.body(torch.cat([x, self.time_embed(t).to(x.dtype), cond], dim=-1)))
-        return out - self.config.eps * x if self.config.eps else out
+        return out - self.eps * x if self.eps else out
 
     def guaranteed_rate(self, t: Tensor, cond: Tensor) -> None:
         return None
 
 
 _RESIDUALS: dict[str, type[ResidualField]] = {
+    "lure": LureResidual,
     "monotone": MonotoneResidual,
     "damped": DampedLipschitzResidual,
     "free": FreeResidual,
