@@ -62,6 +62,7 @@ class ReplayBuffer:
         self._root = root
         self.path = path
         self._store = store  # a ZipStore that must be closed; None for directory stores
+        self.storage_options: dict[str, Any] = {}  # fsspec options of a store opened by URL
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -71,18 +72,25 @@ class ReplayBuffer:
         mode: Literal["r", "a"] = "r",
         required_keys: Iterable[str] = (),
         check_finite: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> ReplayBuffer:
-        """Open an existing store (format 2 or 3, directory or `.zarr.zip`) and validate it.
+        """Open an existing store (format 2 or 3, directory, `.zarr.zip`, or a URL fsspec reads such as
+        `s3://bucket/demos.zarr`, with `storage_options` for its filesystem) and validate it.
 
         `mode="r"` (the default) opens read-only: nothing can write to a user's data. `mode="a"` is for appending to
         our own stores. `required_keys` are data keys a config needs; a missing one is a clear error up front.
         """
         path = str(path)
-        if not os.path.exists(path):
+        remote = "://" in path
+        if not remote and not os.path.exists(path):
             raise DatasetError(path, "no such file or directory")
         store = None
         try:
-            if _is_zip(path):
+            if remote:
+                if mode != "r":
+                    raise DatasetError(path, "stores opened by URL are read-only here")
+                root = zarr.open_group(path, mode="r", storage_options=dict(storage_options or {}) or None)
+            elif _is_zip(path):
                 if mode != "r":
                     raise DatasetError(path, "zip stores are read-only here; unzip it to append")
                 store = zarr.storage.ZipStore(path, mode="r")
@@ -94,7 +102,9 @@ class ReplayBuffer:
         except Exception as exc:  # zarr raises several types for "not a group"; one clear message for all
             raise DatasetError(path, f"not a readable zarr group ({type(exc).__name__}: {exc})") from exc
         validate_replay_buffer(root, path, required_keys=required_keys, check_finite=check_finite)
-        return cls(root, path, store)
+        buffer = cls(root, path, store)
+        buffer.storage_options = dict(storage_options or {})
+        return buffer
 
     @classmethod
     def create(
@@ -206,7 +216,8 @@ class ReplayBuffer:
         return {k: read_rows(self.array(k), sl, self.path, f"data/{k}") for k in (keys or self.keys)}
 
     def load(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Read whole arrays into memory (training keeps data in RAM: no per-sample disk reads in the hot loop)."""
+        """Read whole arrays into memory (the default for training: no per-sample reads in the hot loop). A store
+        larger than memory is streamed instead (`datasets/streaming.py`, `data.storage`)."""
         n = self.n_steps
         return {k: read_rows(self.array(k), slice(0, n), self.path, f"data/{k}") for k in (keys or self.keys)}
 

@@ -13,6 +13,7 @@ is gathered with one `np.clip` + fancy index per key. No per-sample Python runs 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,11 +110,15 @@ class SequenceSampler:
     def __len__(self) -> int:
         return len(self.index)
 
-    def sample(self, windows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
-        """Gather windows `windows` (indices into the index table) as a dict of (B, T, ...) arrays."""
+    def _steps(self, windows: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = self.index[np.asarray(windows, dtype=np.int64)]
         start, ep_start, ep_end = rows[:, :1], rows[:, 1:2], rows[:, 2:3]
         steps = start + self._offsets  # (B, horizon) global steps, before padding
+        return steps, ep_start, ep_end
+
+    def sample(self, windows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+        """Gather windows `windows` (indices into the index table) as a dict of (B, T, ...) arrays."""
+        steps, ep_start, ep_end = self._steps(windows)
         source = np.clip(steps, ep_start, ep_end - 1)  # edge replication
         batch = {}
         for key, array in self.arrays.items():
@@ -122,6 +127,35 @@ class SequenceSampler:
         if self.pad_mask:
             batch[PAD_MASK_KEY] = (steps >= ep_start) & (steps < ep_end)
         return batch
+
+    # ---------------------------------------------------------------- streamed arrays (datasets/streaming.py)
+    @property
+    def streamed(self) -> list[Any]:
+        """The arrays read from their store on demand (empty for in-memory data)."""
+        return [a for a in self.arrays.values() if hasattr(a, "prefetch")]
+
+    def prefetch(self, windows: np.ndarray | Sequence[int]) -> None:
+        """Start decoding the chunks that `sample(windows)` will read (streamed arrays only; returns at once)."""
+        streamed = self.streamed
+        if not streamed:
+            return
+        steps, ep_start, ep_end = self._steps(windows)
+        source = np.clip(steps, ep_start, ep_end - 1)
+        for key, array in self.arrays.items():
+            if hasattr(array, "prefetch"):
+                array.prefetch(source[:, : self.first_k.get(key, self.horizon)])
+
+    def chunk_groups(self) -> tuple[np.ndarray, int] | None:
+        """For streamed data: each window's home chunk (the chunk of its first frame in the array that a window reads
+        the most bytes of) and how many chunks form one shuffle group; None for in-memory data."""
+        chunked = [(key, a) for key, a in self.arrays.items() if hasattr(a, "chunk_rows")]
+        if not chunked:
+            return None
+        _, primary = max(chunked, key=lambda item: item[1].row_nbytes * self.first_k.get(item[0], self.horizon))
+        first = np.clip(self.index[:, 0], self.index[:, 1], self.index[:, 2] - 1)
+        source = primary.source
+        group = source.shuffle_chunks or max(1, source.cache_bytes // (4 * primary.chunk_nbytes))
+        return first // primary.chunk_rows, int(group)
 
 
 class SequenceDataset(Dataset):
@@ -145,6 +179,14 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the data is streamed from its store (datasets/streaming.py) rather than held in memory."""
+        return bool(self.sampler.streamed)
+
+    def prefetch(self, indices: Sequence[int] | np.ndarray) -> None:
+        self.sampler.prefetch(np.atleast_1d(np.asarray(indices, dtype=np.int64)))
+
     def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         single = np.isscalar(index)
         indices = np.atleast_1d(np.asarray(index, dtype=np.int64))
@@ -152,6 +194,66 @@ class SequenceDataset(Dataset):
         for key, values in self.window_arrays.items():
             batch[key] = values[torch.from_numpy(indices)]
         return {k: v[0] for k, v in batch.items()} if single else batch
+
+
+def chunk_aware_order(home_chunks: np.ndarray, group_chunks: int, seed: int) -> np.ndarray:
+    """A permutation of windows for streamed data. Chunks are cut into runs of consecutive chunks (an eighth of a
+    group each, so a window whose frames cross a chunk boundary mostly stays inside its run), the runs are shuffled
+    and cut into groups of about `group_chunks` chunks, the windows of one group are shuffled together, and the groups
+    follow one another. A stretch of the order then reads a few groups' chunks instead of the whole store, so a cache
+    of a few groups decodes every chunk about once per epoch, while consecutive windows still come from 8 random
+    places of the store."""
+    rng = np.random.default_rng(seed)
+    group_chunks = max(1, int(group_chunks))
+    run = max(1, group_chunks // 8)
+    runs = np.unique(home_chunks // run)
+    group_of_run = np.zeros(int(runs.max()) + 1, dtype=np.int64)
+    group_of_run[rng.permutation(runs)] = np.arange(len(runs)) // max(1, group_chunks // run)
+    return np.lexsort((rng.random(len(home_chunks)), group_of_run[home_chunks // run]))
+
+
+def epoch_batches(dataset: SequenceDataset, batch_size: int, shuffle: bool = True, seed: int | None = None,
+                  drop_last: bool = True, streams: int = 1) -> list[np.ndarray]:
+    """The index batches of one epoch: a pure function of the arguments (and of the data's chunk layout when it is
+    streamed), whatever the number of processes that will share each batch.
+
+    In-memory data: a uniform shuffle (torch's RandomSampler on a generator seeded by `seed`). Streamed data: the
+    chunk-aware order (`chunk_aware_order`) cut into `streams` contiguous segments of whole batches, interleaved so
+    that batch i comes from segment i % streams: the DataLoader hands batch i to worker i % num_workers, so with
+    streams = num_workers each worker process reads (and caches) only its own segment's chunks."""
+    n = len(dataset)
+    groups = dataset.sampler.chunk_groups() if shuffle and isinstance(dataset, SequenceDataset) else None
+    if groups is None:
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            base = RandomSampler(dataset, generator=generator)
+        else:
+            base = SequentialSampler(dataset)
+        return [np.asarray(b, dtype=np.int64) for b in BatchSampler(base, batch_size=batch_size, drop_last=drop_last)]
+    home, group_chunks = groups
+    order = chunk_aware_order(home, group_chunks, seed if seed is not None else int(torch.randint(2**31, ()).item()))
+    n_batches = n // batch_size
+    streams = max(1, min(int(streams), max(n_batches, 1)))
+    counts = [n_batches // streams + (s < n_batches % streams) for s in range(streams)]
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    batches = [order[(first[i % streams] + i // streams) * batch_size:][:batch_size] for i in range(n_batches)]
+    if not drop_last and n % batch_size:
+        batches.append(order[n_batches * batch_size :])
+    # each batch sorted by chunk: the shards of a data-parallel run (and the micro-batches of an accumulated step)
+    # are contiguous slices of it, so they read mostly different chunks (a batch's samples are the same in any order)
+    return [b[np.argsort(home[b], kind="stable")] for b in batches]
+
+
+def shard_batch(batch: np.ndarray, shard: int, num_shards: int, micro_batches: int = 1) -> np.ndarray:
+    """This process's part of a global batch: the batch is cut into `micro_batches` consecutive micro-batches (for
+    gradient accumulation) and each of those into `num_shards` consecutive shards; the result is shard `shard` of
+    every micro-batch, in micro-batch order. Concatenating the shards of all processes micro-batch by micro-batch
+    gives back the global batch, so a data-parallel step sees exactly the samples of a one-process step."""
+    parts = micro_batches * num_shards
+    if len(batch) % parts:
+        raise ValueError(f"a batch of {len(batch)} does not split into {micro_batches} micro-batches x "
+                         f"{num_shards} processes")
+    return np.asarray(batch).reshape(micro_batches, num_shards, -1)[:, shard].reshape(-1)
 
 
 def make_dataloader(
@@ -163,17 +265,33 @@ def make_dataloader(
     seed: int | None = None,
     pin_memory: bool = False,
     skip_batches: int = 0,
-) -> DataLoader:
-    """A DataLoader that fetches whole batches from `dataset` (see `SequenceDataset`).
+    shard: int = 0,
+    num_shards: int = 1,
+    micro_batches: int = 1,
+    streams: int | None = None,
+):
+    """A loader that fetches whole batches from `dataset` (see `SequenceDataset`).
 
     With a `seed` the batch order is a pure function of it; `skip_batches` drops the first batches of that order
-    without gathering them, which is how a resumed training run continues mid-epoch exactly.
+    without gathering them, which is how a resumed training run continues mid-epoch exactly. With `num_shards` > 1
+    (data-parallel training) each loader yields only shard `shard` of every global batch (`shard_batch`), so the
+    processes see disjoint parts of the same global batches in the same order, whatever their number.
+
+    Streamed data (datasets/streaming.py) is read in the chunk-aware order of `epoch_batches` with `streams`
+    segments (default: one per worker); without worker processes a background thread prepares
+    `prefetch_batches` batches ahead (`PrefetchLoader`).
     """
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    batches = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-    if skip_batches:
-        batches = list(batches)[skip_batches:]
+    streaming = isinstance(dataset, SequenceDataset) and dataset.streaming
+    if streams is None:
+        streams = max(1, num_workers)
+    batches = epoch_batches(dataset, batch_size, shuffle, seed, drop_last, streams)[skip_batches:]
+    if num_shards > 1 or micro_batches > 1:
+        batches = [shard_batch(b, shard, num_shards, micro_batches) for b in batches]
+    depth = dataset.sampler.streamed[0].source.prefetch_batches if streaming else 2
+    if streaming and num_workers == 0:
+        from fm_policy.datasets.streaming import PrefetchLoader
+
+        return PrefetchLoader(dataset, batches, depth=depth)
     # The DataLoader draws its workers' base seed when an iterator is created: from the global torch RNG unless it
     # has a generator. A resumed run creates one iterator more than the uninterrupted run did at that point, so
     # without a generator every later noise / time draw would shift and resume would not be exact.
@@ -186,4 +304,5 @@ def make_dataloader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        prefetch_factor=depth if num_workers > 0 else None,
     )

@@ -43,6 +43,8 @@ def read_rows(array: zarr.Array, rows: slice, store: str, key: str) -> np.ndarra
     chunk by chunk to find it (only on the error path: normal reads stay one call)."""
     try:
         return np.asarray(array[rows])
+    except MemoryError:  # not the store's fault (datasets/policy_data.py suggests streaming)
+        raise
     except Exception as exc:  # codec and storage errors come in many types; all mean "this store is damaged"
         start, stop, _ = rows.indices(array.shape[0])
         step = array.chunks[0]

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
+from fm_policy.distributed import per_sample
 from fm_policy.flow_matching import flow_matching_loss, sample_noise
 from fm_policy.normalizer import Normalizer
 from fm_policy.policy import BasePolicy, PolicyConfig
@@ -59,7 +60,8 @@ class DiffusionPolicy(BasePolicy):
 
     def _loss(self, actions: Tensor, cond: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
         noise = sample_noise(actions.shape, actions.device, actions.dtype)
-        timesteps = torch.randint(0, self.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
+        timesteps = per_sample(lambda n: torch.randint(0, self.config.num_train_timesteps, (n,), device=actions.device),
+                               actions.shape[0])  # per-sample draw: the same in a data-parallel run
         noisy = self.train_scheduler.add_noise(actions, noise, timesteps)
         predicted = self.net(noisy, timesteps.to(actions.dtype), cond)
         # the same masked mean squared error as the flow loss, here on the noise instead of the velocity

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fm_policy.distributed import per_sample
+
 TimeKind = Literal["uniform", "logit_normal", "beta"]
 TIME_KINDS: tuple[str, ...] = ("uniform", "logit_normal", "beta")
 
@@ -40,7 +42,10 @@ def sample_noise(
     Always Gaussian: the path is trained from N(0, I), so starting inference anywhere else (uniform noise, zeros)
     feeds the field inputs it never saw at t = 0. Pass `generator` for reproducible samples.
     """
-    return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    if generator is not None or len(shape) == 0:
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    rest = tuple(shape[1:])  # one row per sample: a data-parallel process keeps its rows of the global draw
+    return per_sample(lambda n: torch.randn((n, *rest), device=device, dtype=dtype), int(shape[0]))
 
 
 def _expand_time(t: Tensor, like: Tensor) -> Tensor:
@@ -114,7 +119,11 @@ class TimeSampler:
         self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """(batch_size,) float32 times in [0, 1] ([eps, 1 - eps] when eps > 0), reproducible with `generator`."""
-        shape = (batch_size,)
+        if generator is None:  # a data-parallel process keeps its rows of the global batch's draw
+            return per_sample(lambda n: self._sample((n,), device, None), batch_size)
+        return self._sample((batch_size,), device, generator)
+
+    def _sample(self, shape: tuple[int], device: torch.device | str | None, generator: torch.Generator | None) -> Tensor:
         if self.kind == "uniform":
             t = torch.rand(shape, device=device, generator=generator)
         elif self.kind == "logit_normal":

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,11 +29,49 @@ MODES: tuple[str, ...] = ("minmax", "zscore", "identity")
 STATS = ("min", "max", "mean", "std")
 
 
-def _affine(data: np.ndarray, mode: str, range_eps: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    x = np.asarray(data, dtype=np.float64)
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"cannot fit a normaliser on an empty array of shape {x.shape}")
-    stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+def streaming_stats(blocks: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """min / max / mean / std over axis 0 of the concatenation of `blocks`, in one pass and the memory of one block:
+    the blocks' means and squared deviations are merged pairwise (Chan et al.), in float64, which agrees with
+    numpy's two-pass result to rounding."""
+    count, mean, m2, low, high = 0, None, None, None, None
+    for block in blocks:
+        x = np.asarray(block)
+        if len(x) == 0:
+            continue
+        n = len(x)
+        if x.dtype.kind in "biu":  # integer data (images): exact sums, no float64 copy of the block
+            x = x.astype(np.uint8) if x.dtype.kind == "b" else x
+            s1 = x.sum(0, dtype=np.float64)
+            small = x.dtype.itemsize == 1  # squares of 8-bit values and their per-block sums are exact in float32
+            s2 = np.square(x, dtype=np.float32 if small else np.float64).sum(0, dtype=np.float64)
+            block_mean, block_m2 = s1 / n, np.maximum(s2 - s1 * s1 / n, 0.0)
+            block_low, block_high = x.min(0).astype(np.float64), x.max(0).astype(np.float64)
+        else:
+            x = x.astype(np.float64, copy=False)
+            block_mean = x.mean(0)
+            block_m2 = ((x - block_mean) ** 2).sum(0)
+            block_low, block_high = x.min(0), x.max(0)
+        if mean is None:
+            count, mean, m2, low, high = n, block_mean, block_m2, block_low, block_high
+            continue
+        delta = block_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + block_m2 + delta**2 * (count * n / total)
+        low, high, count = np.minimum(low, block_low), np.maximum(high, block_high), total
+    if mean is None:
+        raise ValueError("cannot fit a normaliser on an empty array")
+    return {"min": low, "max": high, "mean": mean, "std": np.sqrt(m2 / count)}
+
+
+def _affine(data: Any, mode: str, range_eps: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    if hasattr(data, "iter_blocks"):  # a streamed array (fm_policy.datasets.streaming): one pass over its chunks
+        stats = streaming_stats(data.iter_blocks())
+    else:
+        x = np.asarray(data, dtype=np.float64)
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"cannot fit a normaliser on an empty array of shape {x.shape}")
+        stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
     if mode == "minmax":
         span = stats["max"] - stats["min"]
         flat = span < range_eps
@@ -61,7 +99,9 @@ class Normalizer(nn.Module):
     def fit(
         cls, data: Mapping[str, np.ndarray], modes: Mapping[str, NormMode] | NormMode = "minmax", range_eps: float = 1e-4
     ) -> Normalizer:
-        """Fit on arrays of shape (N, ...) (statistics over axis 0, per remaining element)."""
+        """Fit on arrays of shape (N, ...) (statistics over axis 0, per remaining element). A streamed array (one
+        with `iter_blocks()`, e.g. `fm_policy.datasets.streaming.ChunkedArray`) is read in one pass, chunk by
+        chunk, never whole."""
         norm = cls()
         for key, values in data.items():
             mode = modes if isinstance(modes, str) else modes.get(key, "minmax")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 import fm_policy
 from fm_policy.checkpoint import CheckpointError, write_checkpoint_dir
 from fm_policy.config import ConfigError
+from fm_policy.networks.vision import VisionConfig, is_image_shape
 from fm_policy.normalizer import Normalizer
 
 CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = "config.json", "model.safetensors", "normalizer.safetensors"
@@ -70,6 +71,12 @@ class PolicyConfig:
     # filled in from the data when a policy is built for training; saved with it
     obs_shapes: dict[str, list[int]] = field(default_factory=dict)
     action_dim: int = 0
+    # how image keys (per-step shape (H, W, C), uint8) are encoded; unused by low-dim policies
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def image_keys(self) -> list[str]:
+        """Observation keys that are images (per-step shape of 3 dims, HWC uint8)."""
+        return sorted(k for k, s in self.obs_shapes.items() if is_image_shape(s))
 
     def validate(self) -> None:
         own_type = type(self).__dataclass_fields__["type"].default
@@ -92,6 +99,7 @@ class PolicyConfig:
         if "time_scale" in self.network:
             raise ConfigError("policy.network.time_scale is set by the policy type (flow time or diffusion steps); "
                               "remove it from the config")
+        self.vision.validate()
 
     @classmethod
     def migrate_v1(cls, values: dict[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,6 +136,9 @@ class BasePolicy(nn.Module):
     """What the network's time embedding multiplies the sampler's time by: 1000 for flow time in [0, 1]."""
     supports_fused_export: ClassVar[bool] = False
     """Whether `fm_policy.deploy.export` can fuse the whole few-step sampler into one graph for this type."""
+    exportable: ClassVar[bool] = True
+    """Whether the exported encoder + network graphs (with the host's sampler loop) reproduce the policy; a type whose
+    sampler does more than integrate its network (e.g. a terminal refinement stage) sets False and export refuses."""
 
     config: PolicyConfig
 
@@ -146,7 +157,15 @@ class BasePolicy(nn.Module):
             raise ConfigError("policy config lacks obs_shapes/action_dim; build policies with make_policy(config, data)")
         self.normalizer = normalizer
         self.obs_shapes = {k: tuple(v) for k, v in sorted(config.obs_shapes.items())}
-        self.encoder = LowDimObsEncoder(self.obs_shapes, config.n_obs_steps)
+        self.image_keys = frozenset(config.image_keys())
+        if self.image_keys:
+            from fm_policy.networks.vision import MultiModalObsEncoder
+
+            self.encoder = MultiModalObsEncoder(self.obs_shapes, config.n_obs_steps, config.vision)
+            # the weights now hold what `pretrained` named: a saved policy must not need that file again
+            config = replace(config, vision=replace(config.vision, pretrained=""))
+        else:
+            self.encoder = LowDimObsEncoder(self.obs_shapes, config.n_obs_steps)
         settings = settings_for_kind(config.network["kind"],
                                      {k: v for k, v in config.network.items() if k != "kind"})
         try:
@@ -184,15 +203,24 @@ class BasePolicy(nn.Module):
         """Validate keys, shapes and values of an observation history; returns the batch size."""
         missing = [k for k in self.obs_shapes if k not in obs]
         if missing:
-            raise ValueError(f"observation lacks keys {missing}; the policy needs {list(self.obs_shapes)}")
+            cameras = [k for k in missing if k in self.image_keys]
+            what = f"camera image(s) {cameras} and keys {missing}" if cameras else f"keys {missing}"
+            raise ValueError(f"observation lacks {what}; the policy needs {list(self.obs_shapes)}")
         batch = None
         for key, shape in self.obs_shapes.items():
             value = obs[key]
             expected = (self.n_obs_steps, *shape)
             if value.ndim != len(expected) + 1 or tuple(value.shape[1:]) != expected:
+                if key in self.image_keys:
+                    raise ValueError(
+                        f"camera image '{key}' has shape {tuple(value.shape)}; expected (batch, "
+                        f"{', '.join(map(str, expected))}) = (batch, n_obs_steps, height, width, channels), uint8 "
+                        f"{shape[0]}x{shape[1]} images as in training")
                 raise ValueError(
                     f"observation '{key}' has shape {tuple(value.shape)}; expected (batch, {', '.join(map(str, expected))})"
                 )
+            if key in self.image_keys and value.dtype != torch.uint8:
+                raise ValueError(f"camera image '{key}' has dtype {value.dtype}; images must be uint8 (0..255, HWC)")
             if batch is not None and value.shape[0] != batch:
                 raise ValueError(f"observation '{key}' has batch {value.shape[0]}, other keys have {batch}")
             batch = value.shape[0]
@@ -202,7 +230,9 @@ class BasePolicy(nn.Module):
 
     def encode_obs(self, obs: Mapping[str, Tensor]) -> Tensor:
         """Normalised, flattened observation features (B, cond_dim): the network's global condition."""
-        normalized = {k: self.normalizer.normalize(k, obs[k].to(self.device, torch.float32)) for k in self.obs_shapes}
+        device = self.device
+        normalized = {k: obs[k].to(device) if k in self.image_keys  # uint8 to the device; the encoder converts
+                      else self.normalizer.normalize(k, obs[k].to(device, torch.float32)) for k in self.obs_shapes}
         return self.encoder(normalized)
 
     # ---------------------------------------------------------------- training
@@ -336,5 +366,8 @@ class BasePolicy(nn.Module):
 
 
 def fit_normalizer(config: PolicyConfig, arrays: Mapping[str, np.ndarray]) -> Normalizer:
-    keys = [*config.obs_shapes, "action"]
+    """Fit on the low-dim observation keys and the actions; image keys are left out (the image encoder scales
+    uint8 to [0, 1] itself), so no statistics are computed over image arrays."""
+    images = set(config.image_keys())
+    keys = [*(k for k in config.obs_shapes if k not in images), "action"]
     return Normalizer.fit({k: arrays[k] for k in keys}, {k: config.normalization.get(k, "minmax") for k in keys})

@@ -51,7 +51,9 @@ BENCH_PAGES: dict[str, tuple[str, str]] = {
     "policy_speed": ("bench_policy", "to_markdown"),
     "pusht_expert": ("bench_pusht_expert", "to_markdown"),
     "sampler": ("bench_sampler", "to_markdown"),
+    "scale": ("bench_streaming", "to_markdown"),
     "toy_2d": ("toy_2d", "to_markdown"),
+    "vision_speed": ("bench_vision", "to_markdown"),
 }
 PUSHT_PAGES = ("pusht", "finetuning")  # pusht_results.render
 EVAL_PAGES = ("robomimic_lift_eval", "robomimic_can_eval", "robomimic_square_eval")  # report.markdown_from_summary

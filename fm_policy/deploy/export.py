@@ -130,6 +130,7 @@ class ExportManifest:
     graphs: list[GraphRecord] = field(default_factory=list)
     opset: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    obs_dtypes: dict[str, str] = field(default_factory=dict)  # "<f4" low-dim keys, "|u1" camera images (HWC)
 
 
 def _versions() -> dict[str, str]:
@@ -146,6 +147,10 @@ def _sample_obs(policy: Any, batch: int, generator: torch.Generator) -> list[Ten
     """Observations uniformly inside the training range of each key (what the graph will see in service)."""
     out = []
     for key, shape in policy.obs_shapes.items():
+        if key in getattr(policy, "image_keys", ()):  # camera images: uint8 HWC, as served
+            out.append(torch.randint(0, 256, (batch, policy.n_obs_steps, *shape), generator=generator,
+                                     dtype=torch.uint8))
+            continue
         stats = policy.normalizer.stats(key) if key in policy.normalizer else None
         u = torch.rand((batch, policy.n_obs_steps, *shape), generator=generator)
         out.append(u if stats is None else stats["min"] + u * (stats["max"] - stats["min"]))
@@ -211,6 +216,9 @@ def export_policy(policy: Any, out_dir: str | Path, config: ExportConfig | None 
         except ImportError as exc:
             raise ExportError(f"ONNX export needs the deploy extra: pip install 'fm-policy[deploy]' ({exc})") from None
     policy = policy.to("cpu").eval()
+    if not type(policy).exportable:
+        raise ExportError(f"a '{type(policy).name}' policy cannot be exported: its sampler does more than integrate "
+                          "its network (serve it with `fm-policy serve` instead)")
     is_flow = type(policy).supports_fused_export  # its network is a velocity field in flow time, Euler-fusable
     if cfg.fused_steps and not is_flow:
         raise ExportError(f"fused Euler graphs are for flow policies; this is a '{type(policy).name}' policy "
@@ -232,6 +240,7 @@ def export_policy(policy: Any, out_dir: str | Path, config: ExportConfig | None 
         time_convention=("flow time t in [0, 1], t = 0 noise, t = 1 data; Euler: x += (1/N) v(x, i/N, cond)"
                          if is_flow else "DDPM timesteps 0..num_train_timesteps-1 (diffusers schedulers on the host)"),
         opset=cfg.opset if cfg.format == "onnx" else None, versions=_versions(),
+        obs_dtypes={k: "|u1" if k in getattr(policy, "image_keys", ()) else "<f4" for k in keys},
     )
 
     def noise(batch: int, g: torch.Generator) -> Tensor:
@@ -275,7 +284,7 @@ def _json_default(obj: Any) -> Any:
 def host_euler_loop(out_dir: str | Path, observation: dict[str, np.ndarray], noise: np.ndarray, steps: int) -> np.ndarray:
     """Reference host loop over the ONNX encoder + velocity graphs (what a C++ host would do), un-normalised.
 
-    observation: {key: (B, n_obs_steps, *shape)} float32; noise (B, horizon, A). Returns (B, horizon, A).
+    observation: {key: (B, n_obs_steps, *shape)} float32 (camera images uint8); noise (B, horizon, A). Returns (B, horizon, A).
     """
     import onnxruntime as ort
 
@@ -289,7 +298,9 @@ def host_euler_loop(out_dir: str | Path, observation: dict[str, np.ndarray], noi
     options.intra_op_num_threads = 1
     encoder = ort.InferenceSession(str(out / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
     velocity = ort.InferenceSession(str(out / "velocity.onnx"), options, providers=["CPUExecutionProvider"])
-    cond = encoder.run(None, {k: np.asarray(observation[k], np.float32) for k in manifest["obs_keys"]})[0]
+    dtypes = manifest.get("obs_dtypes") or {}
+    cond = encoder.run(None, {k: np.asarray(observation[k], np.dtype(dtypes.get(k, "<f4")))
+                              for k in manifest["obs_keys"]})[0]
     x = np.asarray(noise, np.float32).copy()
     dt = np.float32(1.0 / steps)
     for i in range(steps):
