@@ -46,7 +46,7 @@ FLOW_SETTINGS = [("euler", n) for n in (1, 2, 4, 8, 16)]
 DDPM_SETTINGS = [("ddim", 10), ("ddpm", 100)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -78,15 +78,17 @@ def _policy_dir(path: str | None, policy_type: str, tmp: Path) -> tuple[str, str
 class ServedPolicy:
     """`fm-policy serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, checkpoint: str, threads: int, device: str = "cpu", max_batch: int = 1) -> None:
-        self.port = _free_port()
+    def __init__(self, checkpoint: str, threads: int, device: str = "cpu", max_batch: int = 1,
+                 max_clients: int | None = 64) -> None:
+        """`max_clients=None` keeps the server's default limit (what a load test of the defaults wants)."""
+        self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         # the server's log goes to a file: an unread pipe fills up and blocks the server mid-benchmark
         self.log = tempfile.NamedTemporaryFile("w+", prefix="fm-policy-serve-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fm_policy", "serve", "--checkpoint", checkpoint, "--port", str(self.port),
-             "--threads", str(threads), "--log-level", "warning", "--max-clients", "64", "--device", device,
-             "--max-batch", str(max_batch)],
+             "--threads", str(threads), "--log-level", "warning", "--device", device, "--max-batch", str(max_batch),
+             *(["--max-clients", str(max_clients)] if max_clients is not None else [])],
             stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
         self.url = f"ws://127.0.0.1:{self.port}"
 

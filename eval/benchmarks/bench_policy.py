@@ -51,6 +51,13 @@ def train_rate(policy: BasePolicy, batch: int, device: str, seconds: float) -> f
     horizon, n_obs = policy.config.horizon, policy.config.n_obs_steps
     data = {"keypoints": torch.rand(batch, n_obs, OBS_DIM, device=device) * 512,
             "action": torch.rand(batch, horizon, ACTION_DIM, device=device) * 512}
+    return timed_train_rate(policy, data, device, seconds)
+
+
+def timed_train_rate(policy: BasePolicy, data: dict[str, torch.Tensor], device: str, seconds: float,
+                     warmup: int = 3, min_steps: int = 5) -> float:
+    """Samples/s of compute_loss + backward + AdamW on one fixed batch, for at least `seconds` (after warm-up)."""
+    batch = len(data["action"])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     policy.train()
 
@@ -60,11 +67,11 @@ def train_rate(policy: BasePolicy, batch: int, device: str, seconds: float) -> f
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     _sync(device)
     n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 5:
+    while time.perf_counter() - start < seconds or n < min_steps:
         step()
         n += 1
     _sync(device)

@@ -28,30 +28,22 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fm_policy.eval.benchmarks.bench_common import write_results
+from fm_policy.eval.benchmarks.bench_deploy import ServedPolicy
 
 MAX_REQUESTS_PER_CLIENT = 20000  # a hard cap next to the time bound
 ABUSE_MODES = ("max_cost", "flood")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _policy_dir(path: str | None, tmp: Path) -> tuple[str, str]:
@@ -71,30 +63,9 @@ def _policy_dir(path: str | None, tmp: Path) -> tuple[str, str]:
                       "weight values)")
 
 
-class Server:
-    """`fm-policy serve` with its default limits in a subprocess on a free loopback port."""
-
-    def __init__(self, checkpoint: str, threads: int) -> None:
-        self.port = _free_port()
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fm-policy-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fm_policy", "serve", "--checkpoint", checkpoint, "--port", str(self.port),
-             "--threads", str(threads), "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        self.url = f"ws://127.0.0.1:{self.port}"
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as response:
-            return json.loads(response.read())
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        os.unlink(self.log.name)
+def Server(checkpoint: str, threads: int) -> ServedPolicy:  # noqa: N802 - reads as the class it builds
+    """`fm-policy serve` with its default limits (clients included) in a subprocess on a free loopback port."""
+    return ServedPolicy(checkpoint, threads, max_clients=None)
 
 
 def _observation(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from fm_policy.eval.benchmarks.bench_common import write_results
+from fm_policy.eval.benchmarks.bench_policy import timed_train_rate
 
 from fm_policy.factory import make_policy
 from fm_policy.policy import BasePolicy
@@ -67,24 +68,7 @@ def _timed(fn: Any, device: str, repeats: int) -> dict[str, float]:
 def train_rate(policy: BasePolicy, batch: int, device: str, seconds: float) -> float:
     data = {**_obs(policy, batch, device),
             "action": torch.rand(batch, policy.config.horizon, ACTION_DIM, device=device) * 512}
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    policy.train()
-
-    def step() -> None:
-        loss = policy.compute_loss(data)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(2):
-        step()
-    _sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 3:
-        step()
-        n += 1
-    _sync(device)
-    return n * batch / (time.perf_counter() - start)
+    return timed_train_rate(policy, data, device, seconds, warmup=2, min_steps=3)
 
 
 def run(config: TrainConfig, device: str, seconds: float, repeats: int, batch: int) -> dict[str, Any]:
