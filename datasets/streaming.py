@@ -394,7 +394,22 @@ class _Decoder:
         return out[:rows]
 
 
-class ChunkedArray:
+class _RowArray:
+    """What the sampler reads off an array without loading it: `n_rows` rows of `row_shape` each."""
+
+    n_rows: int
+    row_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n_rows, *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+
+class ChunkedArray(_RowArray):
     """A stored data array read chunk by chunk on demand; numpy-style reads along time (see the module docstring).
 
     `dtype` is what reads return: float data as float32 (as the in-memory path converts it), or `cast`."""
@@ -416,14 +431,6 @@ class ChunkedArray:
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
         if all(a.key != self.key for a in source.arrays):
             source.arrays.append(self)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.n_rows, *self.row_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.row_shape)
 
     @property
     def nbytes(self) -> int:
@@ -527,7 +534,7 @@ class ChunkedArray:
                         "rows with a[rows], or whole chunks with iter_blocks())")
 
 
-class DerivedArray:
+class DerivedArray(_RowArray):
     """An observation key built from stored fields by a row-wise recipe (`EnvSpec.derived_keys`), built for the rows
     of each read."""
 
@@ -538,14 +545,6 @@ class DerivedArray:
         probe = np.asarray(build({k: s[np.array([0])] for k, s in self.sources.items()}))
         self.row_shape = tuple(probe.shape[1:])
         self.dtype = np.dtype(np.float32) if probe.dtype.kind == "f" else probe.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.n_rows, *self.row_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.row_shape)
 
     def __len__(self) -> int:
         return self.n_rows
