@@ -10,6 +10,7 @@ global batch across them (`fm_policy.trainer`), and only the main process writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -59,14 +60,40 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _check_resume_config(run_dir: Path, config_yaml: str) -> None:
+def config_defaults_yaml(config: Any) -> str:
+    """`config`'s sections at their class defaults (a polymorphic section, such as `policy`, at its own class's), as
+    YAML: what a key added since a run started meant for that run."""
+    base = type(config)()
+    changes = {f.name: type(value)() for f in dataclasses.fields(config)
+               if dataclasses.is_dataclass(value := getattr(config, f.name))
+               and type(value) is not type(getattr(base, f.name))}
+    return config_to_yaml(dataclasses.replace(base, **changes))
+
+
+def _fill_added_keys(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A section or key that a newer fm-policy added is absent from a run's saved config; when the resumed config
+    holds its default there, the run is unchanged, so count it as saved with that value."""
+    for section, default in defaults.items():
+        if section not in old:
+            if new.get(section) == default:
+                old[section] = default
+        elif isinstance(default, dict) and isinstance(old[section], dict) and isinstance(new.get(section), dict):
+            for key, value in default.items():
+                if key not in old[section] and new[section].get(key) == value:
+                    old[section][key] = value
+
+
+def _check_resume_config(run_dir: Path, config_yaml: str, defaults_yaml: str | None = None) -> None:
     """Resuming with another config would silently mix two runs. Only loop.steps and the resource settings
     (progress bar, torch threads: a shared machine may need fewer on resume) may change. The process count is not
-    part of the config: a run resumes with any count that splits its global batch (`fm_policy.trainer`)."""
+    part of the config: a run resumes with any count that splits its global batch (`fm_policy.trainer`). Keys
+    added to the config since the run started are fine at their defaults (`defaults_yaml`)."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
     old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(config_yaml)
+    if defaults_yaml is not None:
+        _fill_added_keys(old, new, yaml.safe_load(defaults_yaml))
     for cfg in (old, new):
         cfg.pop("run_dir", None)  # a run directory may be moved (to another machine, another mount point)
         for key in ("steps", "progress", "torch_threads"):
@@ -111,7 +138,7 @@ def run_trainer(policy, data, config, describe: str, session_extra: dict | None 
     main = state.is_main_process
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
-        _check_resume_config(run_dir, config_yaml)
+        _check_resume_config(run_dir, config_yaml, config_defaults_yaml(config))
     state.wait_for_everyone()  # every process has read the run directory before the main process writes to it
     trainer = Trainer(policy, data, config.optim, config.ema, config.loop, run_dir, config_yaml,
                       num_workers=config.data.num_workers)

@@ -223,6 +223,17 @@ def test_finetune_runs_checkpoints_and_loads(pretrained, tmp_path, method, expec
         assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if k == "residual.weight")
 
 
+def test_inherited_data_keeps_command_line_overrides(pretrained, tmp_path):
+    """data.path left empty inherits the pre-training data section, but a data.* override given with it still
+    applies (it was once dropped silently: data.max_train_episodes=1 encoded every window)."""
+    from fm_policy.finetune.run import resolve_data_config
+    from fm_policy.flow_policy import FlowPolicy
+
+    config = _ft_config(pretrained, tmp_path / "ovr", "method=mle", "data.max_train_episodes=1", "data.val_ratio=0.5")
+    data = resolve_data_config(config, FlowPolicy.from_pretrained(pretrained))
+    assert data.path and data.max_train_episodes == 1 and data.val_ratio == 0.5
+
+
 @pytest.mark.parametrize("overrides", [
     ("method=residual", "mle.sigma_mode=scalar", "residual.width=16", "residual.kind=damped"),
     # FT-FM: the whole network (a frozen reference copy encodes), an any-step model whose per-batch step count is

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from fm_policy.eval.benchmarks.bench_common import write_results
 
+from fm_policy.couplings import ode_path_length
 from fm_policy.versions import hardware_summary
 
 METHODS: tuple[str, ...] = ("scratch", "ft", "gft")
@@ -181,26 +182,6 @@ def _evaluate(policy: Any, cfg: BenchConfig, goal: Sequence[float] | None, num_s
                              progress=False)
     return {str(s.num_steps): {"success": s.success.value, "score": s.score.value,
                                "success_ci": [s.success.lo, s.success.hi]} for s in report.settings}
-
-
-@torch.no_grad()
-def ode_path_length(policy: Any, obs: dict[str, torch.Tensor], num_steps: int = 100, seed: int = 0) -> dict:
-    """Average length of the Euler path noise -> action chunk and its straightness (length / |x1 - x0|, 1 = a
-    straight line): a proxy for how easy few-step inference is. Measured in env action units (Push-T:
-    pixels, the chunk flattened), because a policy trained from scratch has its own normaliser, so normalised
-    lengths would not be comparable across methods."""
-    from fm_policy.flow_matching import sample_noise
-    from fm_policy.solvers import solve
-
-    cond = policy.encode_obs(obs)
-    shape = (cond.shape[0], policy.config.horizon, policy.config.action_dim)
-    x0 = sample_noise(shape, generator=torch.Generator().manual_seed(seed))
-    traj = solve(lambda t, x: policy.velocity(t, x, cond), x0, "euler", num_steps, return_trajectory=True).trajectory
-    traj = policy.normalizer.unnormalize("action", traj.reshape(-1, *shape[1:])).reshape(traj.shape)
-    steps = (traj[1:] - traj[:-1]).flatten(2).norm(dim=-1)  # (num_steps, B)
-    length = steps.sum(0)
-    displacement = (traj[-1] - traj[0]).flatten(1).norm(dim=-1)
-    return {"path_length": float(length.mean()), "straightness": float((length / displacement).mean())}
 
 
 def _path_obs(cfg: BenchConfig, policy: Any) -> dict[str, torch.Tensor]:

@@ -16,10 +16,15 @@ optimisation path differs. At w = 1 the pre-trained model itself is the minimise
 Choices (docs/gft.md, "What it does" and "Why it works"):
 - teacher: a frozen copy of the pre-trained policy's EMA weights (pass the checkpoint's `ema/` folder), in eval mode,
   queried under no_grad at the identical (x_t, t, o); skipped once w = 0;
-- coupling: independent (fresh N(0, I) noise per chunk), the one the policy was pre-trained with; minibatch OT is not
-  a valid coupling for a conditional policy (docs/gft.md, "Why it works");
-- time sampling, loss mask and loss weighting: exactly the policy's own (`FlowPolicy._loss`), drawn in the same order
-  (noise, then t), so at w = 0 this loss is bit-for-bit the plain fine-tuning loss on the same random draws;
+- coupling: the tuned policy's own (`policy.coupling`, independent by default; `fm-policy finetune ...
+  policy.coupling=ot` changes it for the run). The per-sample target u = x1 - x0 comes from the coupled pair, so the
+  objective trained is the conditional one; its minimiser is the marginal objective's blend (1 - w) b_target + w v_pre,
+  where b_target is the field the coupling induces on the new data. The teacher term needs no coupling: it is
+  evaluated at whatever x_t the pair gives. For a conditional policy the OT pairing moves noise draws between
+  observations only as far as `policy.coupling_cond_weight` allows (fm_policy.couplings, docs/gft.md "Couplings");
+- time sampling, coupling, loss mask and loss weighting: exactly the policy's own (`FlowPolicy.training_draws`),
+  drawn in the same order (noise, then t), so at w = 0 this loss is bit-for-bit the plain fine-tuning loss on the
+  same random draws;
 - deterministic (ODE) training and sampling (sigma = 0): the stochastic form only motivates the theory (docs/gft.md, "Why it works").
 
 `GFTFinetunePolicy` packages the objective as a policy-like module whose `compute_loss` is the GFT loss, so the
@@ -39,7 +44,7 @@ from torch import Tensor
 
 from fm_policy.config import ConfigError
 from fm_policy.finetune.wrapper import FinetuneWrapper
-from fm_policy.flow_matching import LinearPath, flow_matching_loss, sample_noise
+from fm_policy.flow_matching import LinearPath, flow_matching_loss
 from fm_policy.flow_policy import FlowPolicy
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "step")
@@ -151,8 +156,7 @@ class GFTFinetunePolicy(FinetuneWrapper):
         obs = {k: batch[k] for k in model.obs_shapes}
         # the same operations, in the same order, as FlowPolicy.compute_loss / _loss: equal losses at w = 0
         x1, cond, mask = model.prepare_batch(batch)
-        noise = sample_noise(x1.shape, x1.device, x1.dtype)
-        t = model.time_sampler.sample(x1.shape[0], x1.device).to(x1.dtype)
+        noise, t = model.training_draws(x1, cond, mask)  # the policy's coupling and time sampling
         x_t, u = LinearPath().sample(x1, t, noise)
         pred = model.velocity(t, x_t, cond)
         w = self.weight if self.training else 0.0

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from fm_policy.config import ConfigError, config_to_yaml, load_config
+from fm_policy.couplings import check_coupling
 from fm_policy.datasets.policy_data import DataConfig, build_policy_data
 from fm_policy.datasets.sampler import SequenceDataset
 from fm_policy.distributed import main_process_first
@@ -41,6 +42,34 @@ GFT_METHODS: tuple[str, ...] = ("gft", "ft")
 
 
 @dataclass
+class PolicyTrainingSettings:
+    """Training-only settings of the tuned flow policy to change for a gft / ft run, under the same keys as
+    `train-policy`'s policy section (`policy.coupling=ot`). Unset ("" / null) keeps the pre-trained checkpoint's; the
+    fine-tuned checkpoints record what they were trained with."""
+
+    coupling: str = ""  # "" = the checkpoint's | independent | ot (fm_policy.couplings, docs/gft.md "Couplings")
+    coupling_cond_weight: float | None = None  # null = the checkpoint's; ot: cost of moving noise between observations
+
+    def is_set(self) -> bool:
+        return bool(self.coupling) or self.coupling_cond_weight is not None
+
+    def validate(self) -> None:
+        check_coupling(self.coupling or "independent",
+                       0.0 if self.coupling_cond_weight is None else self.coupling_cond_weight)
+
+    def apply(self, policy: FlowPolicy) -> None:
+        """Set the given settings on `policy` (its training draws read them from its config)."""
+        changes: dict[str, object] = {}
+        if self.coupling:
+            changes["coupling"] = self.coupling
+        if self.coupling_cond_weight is not None:
+            changes["coupling_cond_weight"] = float(self.coupling_cond_weight)
+        if changes:
+            policy.config = replace(policy.config, **changes)
+            policy.config.validate()
+
+
+@dataclass
 class FinetuneConfig:
     """One fine-tuning run. `data.path: ""` (default) reuses the pre-training run's data section."""
 
@@ -51,6 +80,8 @@ class FinetuneConfig:
     mle: MLEConfig = field(default_factory=MLEConfig)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     gft: GFTConfig = field(default_factory=GFTConfig)
+    # gft / ft: training-only settings of the tuned policy (policy.coupling=ot); unset = the checkpoint's
+    policy: PolicyTrainingSettings = field(default_factory=PolicyTrainingSettings)
     data: DataConfig = field(default_factory=lambda: DataConfig(path=""))
     # docs/finetuning.md, "Defaults and why": lr 1e-5 for the full network; use optim.lr=1e-4 for method residual; gft/ft toward a changed
     # task need a larger one (docs/gft.md; the Push-T benchmark uses 3e-4)
@@ -67,7 +98,11 @@ class FinetuneConfig:
             raise ConfigError(f"finetune: method '{self.method}' is unknown; choose one of {list(METHODS)}")
         if self.method in GFT_METHODS:
             self.gft.validate()
+            self.policy.validate()
             return
+        if self.policy.is_set():
+            raise ConfigError(f"finetune: policy.coupling / policy.coupling_cond_weight apply to --method gft or ft; "
+                              f"method {self.method} keeps the pre-trained policy's")
         self.mle.validate()
         if self.method == "residual":
             self.residual.validate()
@@ -89,8 +124,15 @@ def resolve_data_config(config: FinetuneConfig, pretrained: FlowPolicy) -> DataC
         if inherited is None:
             raise ConfigError(f"finetune: data.path is empty and no pre-training config.yaml was found above "
                               f"{config.checkpoint}; set data.path=STORE")
+        # settings given on the command line (anything not at its default) win over the inherited ones: an override
+        # such as data.max_train_episodes=3 must not be dropped silently
+        defaults = DataConfig()
+        for name in DataConfig.__dataclass_fields__:
+            value = getattr(config.data, name)
+            if name != "path" and value != getattr(defaults, name):
+                setattr(inherited, name, value)
+        inherited.num_workers = config.data.num_workers  # a resource setting of this run, not of the pre-training
         data = inherited
-        data.num_workers = config.data.num_workers
     keys = list(pretrained.obs_shapes)
     if sorted(data.obs_keys) != keys:
         print(f"finetune: using the pre-trained policy's observation keys {keys} (data.obs_keys was {data.obs_keys})")
@@ -106,6 +148,7 @@ def build_finetune_policy(config: FinetuneConfig, device: str = "cpu") -> MLEFin
         raise ConfigError(f"finetune: {config.checkpoint} is a '{pretrained.config.type}' policy; "
                           "fine-tuning starts from a plain flow policy")
     if config.method in GFT_METHODS:
+        config.policy.apply(pretrained)
         teacher = None
         if config.method == "gft" and config.gft.teacher and config.gft.w0 > 0:
             teacher = load_policy(config.gft.teacher, device=device)
@@ -176,6 +219,9 @@ def finetune(config: FinetuneConfig) -> Path:
         objective = (f"{g.schedule} schedule w0 {g.w0:g} -> 0 at {g.anneal_fraction:g} of {config.loop.steps} steps"
                      + (f" ({g.stages} stages, beta {g.beta:g})" if g.schedule == "step" else "")
                      + f", teacher {g.teacher or config.checkpoint}" if g.w0 > 0 else "plain flow matching (w = 0)")
+        c = policy.model.config
+        objective += f", {c.coupling} coupling" + (f" (cond weight {c.coupling_cond_weight:g})"
+                                                   if c.coupling == "ot" else "")
     else:
         steps = config.mle.decode_steps_choices or config.mle.decode_steps
         objective = (f"decode {config.mle.decode_solver} x{steps}, pairing {config.mle.pairing}, "
