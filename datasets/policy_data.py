@@ -7,23 +7,27 @@ agent position (`state[:, :2]`). Each env's spec declares such recipes (`EnvSpec
 `EnvSpec.renamed_keys` for plain renames such as Push-T's `image` <- `img`); this module uses the union over all
 registered envs (`fm_policy.envs.registry.dataset_key_recipes`), not the recipes of the store's env, because a store
 need not record its env (diffusion_policy's Push-T zarr has no attributes). A key stored under its own name always
-wins over a recipe.
+wins over a recipe. A recipe may also read the store's attributes (`DerivedKey.uses_attrs`): Push-T's `goal` for a
+store without one is the single goal the store records, or gym-pusht's default for attribute-less human data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
-from fm_policy.config import ConfigError
 from fm_policy.datasets.errors import DatasetError
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.datasets.sampler import SequenceDataset, SequenceSampler, episode_split
 from fm_policy.datasets.streaming import ChunkedArray, DerivedArray, StoreSource, stored_nbytes
 from fm_policy.envs.registry import dataset_key_recipes
 from fm_policy.envs.spec import DerivedKey
+
+from fm_policy.config import ConfigError
+from fm_policy.errors import UserError
 
 __all__ = ["DataConfig", "DerivedKey", "PolicyData", "build_policy_data", "load_policy_arrays", "resolve_storage",
            "stored_keys_for", "stream_policy_arrays"]
@@ -45,6 +49,22 @@ def stored_keys_for(obs_keys: Sequence[str], action_key: str, available: Sequenc
     return list(dict.fromkeys([*needed, action_key]))
 
 
+def _recipe_build(recipe: DerivedKey, attrs: dict[str, Any]) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """The recipe as a function of the source arrays only: a recipe that reads the store's attributes gets them bound
+    (a `partial`, so streamed views stay picklable for loader worker processes)."""
+    return partial(recipe.build, attrs=attrs) if recipe.uses_attrs else recipe.build
+
+
+def _derive(buffer: ReplayBuffer, key: str, make: Callable[[], Any]) -> Any:
+    """Runs `make()` (which builds derived key `key`); a recipe's refusal becomes a `DatasetError` naming the store."""
+    try:
+        return make()
+    except DatasetError:
+        raise
+    except UserError as exc:
+        raise DatasetError(buffer.path, str(exc), key=key) from None
+
+
 def load_policy_arrays(buffer: ReplayBuffer, obs_keys: Sequence[str], action_key: str = "action") -> dict[str, np.ndarray]:
     """Observation arrays under their env keys plus `action` (float32), all in memory."""
     buffer.require(stored_keys_for(obs_keys, action_key, buffer.keys))
@@ -55,7 +75,8 @@ def load_policy_arrays(buffer: ReplayBuffer, obs_keys: Sequence[str], action_key
         if key in stored:
             arrays[key] = stored[key]
         elif key in derived:
-            arrays[key] = derived[key].build(stored)
+            build = _recipe_build(derived[key], buffer.attrs)
+            arrays[key] = _derive(buffer, key, lambda build=build: build(stored))
         else:
             arrays[key] = stored[renamed[key]]
         if arrays[key].dtype.kind == "f":
@@ -126,7 +147,8 @@ def stream_policy_arrays(buffer: ReplayBuffer, config: DataConfig) -> dict[str, 
         if key in stored:
             arrays[key] = stored[key]
         elif key in derived:
-            arrays[key] = DerivedArray({k: stored[k] for k in derived[key].sources}, derived[key].build)
+            sources, build = {k: stored[k] for k in derived[key].sources}, _recipe_build(derived[key], buffer.attrs)
+            arrays[key] = _derive(buffer, key, lambda sources=sources, build=build: DerivedArray(sources, build))
         else:
             arrays[key] = stored[renamed[key]]
     arrays["action"] = ChunkedArray(source, buffer.array(config.action_key), n, cast=np.float32)

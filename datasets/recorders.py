@@ -43,9 +43,11 @@ class EpisodeRecorder(Protocol):
 class PushTRecorder:
     """Push-T with the push-primitive planning expert. Stored keys follow diffusion_policy's Push-T zarr:
     `state` (5) always (it is also what `reset_to_state` replays), `keypoint` (9, 2) for the `keypoints` mode,
-    `img` (96, 96, 3) uint8 for the `image` mode, `action` (2), `n_contacts` (1)."""
+    `img` (96, 96, 3) uint8 for the `image` mode, `action` (2), `n_contacts` (1), plus `goal` (18) always: the
+    episode's goal as the env's `goal` observation, so every store can train a goal-aware policy and a multi-goal
+    store (`goal_poses`) says which goal each episode had. The `goal` mode is accepted and changes nothing."""
 
-    KEY_FOR_MODE = {"state": "state", "keypoints": "keypoint", "image": "img"}
+    KEY_FOR_MODE = {"state": "state", "keypoints": "keypoint", "image": "img", "goal": "goal"}
 
     def __init__(self, obs_modes: Sequence[str] = ("state", "keypoints"), max_steps: int = 300, **env_kwargs: Any):
         from fm_policy.datasets.experts.pusht import PushTExpert, PushTExpertConfig
@@ -64,11 +66,12 @@ class PushTRecorder:
         self.expert = PushTExpert(self.expert_config, seed=0)
 
     def record(self, env_seed: int, planner_seed: int) -> Episode:
-        from fm_policy.envs import block_keypoints
+        from fm_policy.envs import block_keypoints, goal_keypoint_obs
 
         obs, info = self.env.reset(seed=env_seed)
         self.expert.reset(planner_seed)
-        rows: dict[str, list[np.ndarray]] = {"state": [], "action": [], "n_contacts": []}
+        goal = goal_keypoint_obs(self.env.goal_pose).astype(np.float32)  # the goal is fixed within an episode
+        rows: dict[str, list[np.ndarray]] = {"state": [], "action": [], "n_contacts": [], "goal": []}
         if "keypoints" in self.obs_modes:
             rows["keypoint"] = []
         if "image" in self.obs_modes:
@@ -82,6 +85,7 @@ class PushTRecorder:
                 rows["keypoint"].append(block_keypoints(info["block_pose"]).astype(np.float32))
             if "img" in rows:
                 rows["img"].append(obs["image"])
+            rows["goal"].append(goal)
             obs, _, terminated, truncated, info = self.env.step(action)
             rows["action"].append(action)
             rows["n_contacts"].append(np.array([info["n_contacts"]], dtype=np.float32))
@@ -92,12 +96,15 @@ class PushTRecorder:
         return Episode(data=data, success=success, steps=len(data["action"]), final_score=float(info["coverage"]))
 
     def dataset_attrs(self) -> dict[str, Any]:
+        goals = self.env.goal_poses
         return {
             "env": "pusht",
             "env_id": "gym_pusht/PushT-v0",
             "env_versions": package_versions(env_spec("pusht").packages),
             "env_kwargs": self.env_kwargs,
-            "goal_pose": [float(v) for v in self.env.goal_pose],
+            # goal_pose: the store's one goal (None for a goal set); goal_poses: every goal an episode can have
+            "goal_pose": [float(v) for v in goals[0]] if len(goals) == 1 else None,
+            "goal_poses": [[float(v) for v in g] for g in goals],
             "obs_modes": list(self.obs_modes),
             "max_steps": self.max_steps,
             "expert": {"name": "PushTExpert (push-primitive planner)", "config": asdict(self.expert_config)},

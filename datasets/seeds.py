@@ -7,7 +7,8 @@ starts.
 
 Evaluation: the initial noise of a test episode comes from its own generator, seeded by `episode_noise_seed(torch
 seed, env seed)`, so an episode sees the same noise under every step-count setting, for any number of envs or
-workers, and in the deployment controller (which replays an episode through the policy server).
+workers, and in the deployment controller (which replays an episode through the policy server). Disturbances
+(`fm_policy.eval.disturbances`) draw from per-episode streams of `episode_disturbance_seed`, for the same reason.
 """
 
 from __future__ import annotations
@@ -31,3 +32,13 @@ def planner_seed_for(seed: int, index: int, attempt: int = 0) -> int:
 def episode_noise_seed(torch_seed: int, env_seed: int) -> int:
     """Seed of the per-episode noise generator of test episode `env_seed` under run seed `torch_seed`."""
     return (int(torch_seed) * 1_000_003 + int(env_seed)) % (2**63 - 1)
+
+
+def episode_disturbance_seed(disturbance_seed: int, env_seed: int, stream: int) -> int:
+    """Seed of one disturbance stream (observation noise, shove, initial-noise offset) of test episode `env_seed`.
+
+    Separate streams, so turning one disturbance on never changes the draws of another, and keyed by the env seed
+    only (not by the step-count setting or the batch), so an episode is disturbed identically under every setting.
+    """
+    state = np.random.SeedSequence([int(disturbance_seed), int(env_seed), int(stream)]).generate_state(2)
+    return (int(state[0]) << 31 ^ int(state[1])) % (2**63 - 1)

@@ -12,7 +12,7 @@ from typing import Any
 from .registry import available_envs, env_kwargs_for_obs_keys, env_spec, make_env, register_env, unregister_env
 from .spec import DerivedKey, EnvOption, EnvSpec, ExpertCollection
 
-_PUSHT_EXPORTS = ("PushTEnv", "block_keypoints", "lowdim_keypoint_obs")
+_PUSHT_EXPORTS = ("PushTEnv", "block_keypoints", "goal_keypoint_obs", "lowdim_keypoint_obs")
 
 __all__ = [
     "DerivedKey", "EnvOption", "EnvSpec", "ExpertCollection", "MultiStepWrapper", "available_envs",

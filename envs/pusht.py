@@ -7,7 +7,8 @@ Why a wrapper and not gym-pusht directly:
   `environment_state` is the 8 polygon vertices), so the keypoints are computed here, from ONE frozen local map that
   the dataset collector also uses (`block_keypoints`), so stored and live observations match bit for bit;
 - gym-pusht hard-codes the goal pose in `_setup()`, which reruns on every reset; a Push-T variant needs another goal
-  for coverage, reward, success and the drawn goal region alike (`PushTSim`);
+  for coverage, reward, success and the drawn goal region alike (`PushTSim`), and a multi-goal task a goal per
+  episode (`goal_poses`, chosen from the reset seed) that a goal-aware policy can see (`obs_mode` "goal");
 - actions are validated: gym-pusht silently integrates NaN into the physics and never clips.
 
 The true simulator stays reachable as `PushTEnv.sim` (a `gym_pusht.envs.pusht.PushTEnv` subclass) because the
@@ -43,7 +44,7 @@ SUCCESS_THRESHOLD = 0.95
 """Success = coverage (goal-T area covered by the block / T area) strictly above this."""
 T_CENTER_OF_GRAVITY = (0.0, 45.0)
 """The T's centre of gravity in its local frame; pymunk rotates the body about it, not about the origin."""
-OBS_MODES = ("state", "keypoints", "image")
+OBS_MODES = ("state", "keypoints", "image", "goal")
 N_SUBSTEPS = 10
 """Physics substeps per env step (100 Hz physics, 10 Hz control)."""
 
@@ -156,13 +157,49 @@ def derive_block_local_keypoints(n_keypoints: int = N_BLOCK_KEYPOINTS, seed: int
     return local[chosen] + rng.uniform(0, 1, size=(n_keypoints, 2))
 
 
-def _validated_goal(goal_pose: Sequence[float] | None) -> np.ndarray | None:
+GOAL_OBS_DIM = 2 * N_BLOCK_KEYPOINTS
+_T_REACH = float(np.ceil(np.linalg.norm(BLOCK_LOCAL_KEYPOINTS, axis=1).max()))
+"""Farthest keypoint from the T's origin (px): goal keypoints lie within this of a goal origin in the workspace."""
+
+
+def goal_keypoint_obs(goal_pose: np.ndarray | Sequence[float]) -> np.ndarray:
+    """The `goal` observation (..., 18): the 9 block keypoints placed at the goal pose(s) (..., 3), flattened.
+
+    Why keypoints and not (x, y, cos, sin): they are in the frame, units and order of the first 18 entries of the
+    `keypoints` observation, so "how far is the block from its goal" is a per-entry difference of two inputs on the
+    same scale, there is no angle wrap-around, and every dimension is a pixel coordinate spanning a comparable
+    range, so per-dimension min-max / z-score normalisation treats them alike (a pose would mix two pixel dims with
+    two unit-circle dims, and the network would have to learn the T's geometry to compare it with the block's
+    keypoints). A constant goal (single-goal data) is a constant input, which the normaliser only centres.
+    """
+    kp = block_keypoints(goal_pose)
+    return kp.reshape(kp.shape[:-2] + (GOAL_OBS_DIM,))
+
+
+def _validated_goal(goal_pose: Sequence[float] | None, name: str = "goal_pose") -> np.ndarray | None:
     if goal_pose is None:
         return None
-    goal = np.asarray(goal_pose, dtype=np.float64)
-    if goal.shape != (3,) or not np.all(np.isfinite(goal)):
-        raise UserError(f"goal_pose must be 3 finite numbers (x, y, angle), got {goal_pose!r}")
+    try:
+        goal = np.asarray(goal_pose, dtype=np.float64)
+    except (TypeError, ValueError):
+        goal = None
+    if goal is None or goal.shape != (3,) or not np.all(np.isfinite(goal)):
+        raise UserError(f"{name} must be 3 finite numbers (x, y, angle), got {goal_pose!r}")
+    if not (0.0 <= goal[0] <= WORKSPACE_SIZE and 0.0 <= goal[1] <= WORKSPACE_SIZE):
+        raise UserError(f"{name} {goal_pose!r}: x and y must lie in the workspace [0, {WORKSPACE_SIZE:g}]")
     return goal
+
+
+def _validated_goal_set(goal_poses: Any) -> tuple[tuple[float, float, float], ...] | None:
+    """`goal_poses` -> a non-empty tuple of validated (x, y, angle) tuples, or None."""
+    if goal_poses is None:
+        return None
+    if isinstance(goal_poses, (str, bytes)) or not isinstance(goal_poses, (Sequence, np.ndarray)) \
+            or len(goal_poses) == 0:
+        raise UserError(f"goal_poses must be a non-empty list of (x, y, angle) poses, e.g. "
+                        f"[[256, 256, 0.785], [190, 310, -1.0]]; got {goal_poses!r}")
+    goals = [_validated_goal(g, name=f"goal_poses[{i}]") for i, g in enumerate(goal_poses)]
+    return tuple(tuple(float(v) for v in g) for g in goals)  # type: ignore[union-attr]
 
 
 class PushTSim(_GymPushTEnv):
@@ -188,6 +225,7 @@ OBS_KEYS_BY_MODE: dict[str, tuple[str, ...]] = {
     "state": ("state",),
     "keypoints": ("keypoints",),
     "image": ("image", "agent_pos"),
+    "goal": ("goal",),
 }
 
 
@@ -213,10 +251,16 @@ def _parse_obs_mode(obs_mode: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class PushTConfig:
-    """All knobs of `PushTEnv`; `obs_mode` is normalised to a tuple in canonical order."""
+    """All knobs of `PushTEnv`; `obs_mode` is normalised to a tuple in canonical order.
+
+    `goal_pose` fixes one goal; `goal_poses` is a goal set, one goal per episode chosen from the reset seed
+    (`goal_poses[seed % len(goal_poses)]`: deterministic, and consecutive seeds, as collection and evaluation use,
+    cycle through the set evenly). At most one of the two may be given.
+    """
 
     obs_mode: str | Sequence[str] = "state"
     goal_pose: tuple[float, float, float] | None = None  # None = gym-pusht's (256, 256, pi/4)
+    goal_poses: Sequence[Sequence[float]] | None = None  # a goal set; normalised to a tuple of 3-tuples
     max_episode_steps: int = 300
     image_size: int = 96  # side of the `image` observation
     render_size: int = 256  # side of `render()` frames (videos)
@@ -227,6 +271,9 @@ class PushTConfig:
         object.__setattr__(self, "obs_modes", _parse_obs_mode(self.obs_mode))
         goal = _validated_goal(self.goal_pose)
         object.__setattr__(self, "goal_pose", None if goal is None else tuple(float(v) for v in goal))
+        object.__setattr__(self, "goal_poses", _validated_goal_set(self.goal_poses))
+        if self.goal_pose is not None and self.goal_poses is not None:
+            raise UserError("give either goal_pose (one goal) or goal_poses (a goal per episode), not both")
         for name in ("max_episode_steps", "image_size", "render_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -250,6 +297,8 @@ def _observation_space(modes: tuple[str, ...], image_size: int) -> spaces.Dict:
     if "image" in modes:
         subspaces["image"] = _box(0, 255, (image_size, image_size, 3), np.uint8)
         subspaces["agent_pos"] = _box(0.0, ws, (2,), np.float32)
+    if "goal" in modes:
+        subspaces["goal"] = _box(-_T_REACH, ws + _T_REACH, (GOAL_OBS_DIM,), np.float32)
     return spaces.Dict(subspaces)
 
 
@@ -258,8 +307,10 @@ class PushTEnv(gym.Env):
 
     Observation keys (union over `obs_mode`): `state` (5,) float32 [agent_x, agent_y, block_x, block_y,
     block_angle mod 2pi]; `keypoints` (20,) float32 (`lowdim_keypoint_obs`); `image` (S, S, 3) uint8 plus `agent_pos`
-    (2,) float32. Action: absolute agent target (x, y) in [0, 512]^2. Reward = clip(coverage / 0.95, 0, 1);
-    terminated on success (coverage > 0.95); truncated after `max_episode_steps` steps.
+    (2,) float32; `goal` (18,) float32, the episode's goal as keypoints (`goal_keypoint_obs`). Goal: `goal_pose`, or
+    one of `goal_poses` per episode, chosen from the reset seed (see `PushTConfig`). Action: absolute agent target
+    (x, y) in [0, 512]^2. Reward = clip(coverage / 0.95, 0, 1); terminated on success (coverage > 0.95); truncated
+    after `max_episode_steps` steps.
     `info`: coverage, is_success, n_contacts, n_contact_points, block_pose (origin x, y, raw angle), agent_pos,
     agent_vel, goal_pose.
     """
@@ -270,6 +321,7 @@ class PushTEnv(gym.Env):
         self,
         obs_mode: str | Sequence[str] = "state",
         goal_pose: tuple[float, float, float] | None = None,
+        goal_poses: Sequence[Sequence[float]] | None = None,
         max_episode_steps: int = 300,
         image_size: int = 96,
         render_size: int = 256,
@@ -279,7 +331,8 @@ class PushTEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"PushTEnv only renders 'rgb_array' frames, got render_mode={render_mode!r}")
         self.config = PushTConfig(
-            obs_mode=obs_mode, goal_pose=goal_pose, max_episode_steps=max_episode_steps, image_size=image_size,
+            obs_mode=obs_mode, goal_pose=goal_pose, goal_poses=goal_poses, max_episode_steps=max_episode_steps,
+            image_size=image_size,
             render_size=render_size, render_action=render_action,
         )
         self.render_mode = "rgb_array"
@@ -293,6 +346,7 @@ class PushTEnv(gym.Env):
         self.observation_space = _observation_space(self.config.obs_modes, image_size)
         self.action_space = spaces.Box(low=0.0, high=WORKSPACE_SIZE, shape=(2,), dtype=np.float32)
         self._elapsed_steps: int | None = None  # None until the first reset
+        self._episode_goal: np.ndarray | None = None  # the goal drawn at the last reset (goal set only)
 
     @property
     def obs_modes(self) -> tuple[str, ...]:
@@ -304,9 +358,25 @@ class PushTEnv(gym.Env):
         return self.config.max_episode_steps
 
     @property
-    def goal_pose(self) -> np.ndarray:
+    def goal_poses(self) -> np.ndarray:
+        """The goals this env can draw, (K, 3): the goal set, or the one fixed goal."""
+        if self.config.goal_poses is not None:
+            return np.array(self.config.goal_poses, dtype=np.float64)
         goal = self.config.goal_pose if self.config.goal_pose is not None else DEFAULT_GOAL_POSE
-        return np.array(goal, dtype=np.float64)
+        return np.array([goal], dtype=np.float64)
+
+    @property
+    def goal_pose(self) -> np.ndarray:
+        """The current episode's goal (x, y, angle); with a goal set it is chosen by `reset`."""
+        if self.config.goal_poses is None:
+            return self.goal_poses[0]
+        if self._episode_goal is None:
+            raise RuntimeError("PushTEnv.goal_pose: with goal_poses the goal is chosen at reset(); call reset() first")
+        return self._episode_goal.copy()
+
+    def goal_index_for_seed(self, seed: int) -> int:
+        """Index into `goal_poses` of the goal an episode reset with `seed` gets (0 for a single goal)."""
+        return int(seed) % len(self.goal_poses)
 
     @property
     def elapsed_steps(self) -> int:
@@ -317,8 +387,9 @@ class PushTEnv(gym.Env):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Random initial state from the sim's seeded RNG, or `options={"reset_to_state": [ax, ay, bx, by, angle]}`.
 
-        `reset_to_state` uses gym-pusht's legacy order (see `reset_state_for_pose` to hit an exact block pose), which
-        is what replaying diffusion_policy's recorded states needs.
+        With `goal_poses` the episode's goal is `goal_poses[seed % K]` (`goal_index_for_seed`), or drawn from the
+        env's RNG when no seed is given. `reset_to_state` uses gym-pusht's legacy order (see `reset_state_for_pose`
+        to hit an exact block pose), which is what replaying diffusion_policy's recorded states needs.
         """
         super().reset(seed=seed)
         sim_options = None
@@ -335,6 +406,11 @@ class PushTEnv(gym.Env):
                         f"got {options['reset_to_state']!r}"
                     )
                 sim_options = {"reset_to_state": state}
+        if self.config.goal_poses is not None:
+            goals = self.goal_poses
+            index = self.goal_index_for_seed(seed) if seed is not None else int(self.np_random.integers(len(goals)))
+            self._episode_goal = goals[index]
+            self.sim.custom_goal_pose = goals[index].copy()  # read by the sim's _setup() during its reset
         self.sim.reset(seed=seed, options=sim_options)
         self._elapsed_steps = 0
         coverage = float(self.sim._get_coverage())
@@ -359,6 +435,96 @@ class PushTEnv(gym.Env):
 
     def close(self) -> None:
         self.sim.close()
+
+    # -- disturbances (robustness rollouts: fm_policy.eval.disturbances) ---------------------------------------------
+
+    SHOVE_INTERIOR = (7.0, 504.0)
+    """Free interior of gym-pusht's walls (segments at 5 and 506, radius 2): shoved bodies must stay inside it."""
+    SHOVE_MARGIN = 1.0
+    """Clearance (pixels) a shoved block keeps from the walls and from the agent, so pymunk never starts a step with
+    interpenetrating shapes (it would resolve them with a violent impulse)."""
+
+    def shove_problem(
+        self, block_offset: Sequence[float] = (0.0, 0.0), block_rotation: float = 0.0,
+        agent_offset: Sequence[float] = (0.0, 0.0),
+    ) -> str | None:
+        """Why `shove(...)` with these arguments would be unsafe (a body leaving the walls' interior, the block
+        landing on the agent), or None. Pure: the simulator is not touched."""
+        self._require_reset("shove_problem")
+        cog, angle, agent = self._shoved_poses(block_offset, block_rotation, agent_offset)
+        lo, hi = self.SHOVE_INTERIOR
+        m = self.SHOVE_MARGIN
+        polygons = self._block_polygons(cog, angle)
+        corners = np.concatenate(polygons)
+        if corners.min() < lo + m or corners.max() > hi - m:
+            return f"the block would leave the workspace (corner at {corners.min():.1f}..{corners.max():.1f})"
+        if agent.min() < lo or agent.max() > hi:
+            return f"the agent would leave the workspace (at {agent[0]:.1f}, {agent[1]:.1f})"
+        radius = max(float(getattr(s, "radius", 0.0)) for s in self.sim.agent.shapes)
+        gap = min(_point_polygon_distance(agent, poly) for poly in polygons) - radius
+        if gap < m:
+            return f"the block would touch the agent (gap {gap:.1f} px)"
+        return None
+
+    def shove(
+        self, block_offset: Sequence[float] = (0.0, 0.0), block_rotation: float = 0.0,
+        agent_offset: Sequence[float] = (0.0, 0.0),
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Displace the bodies between two steps, the disturbance of a robustness rollout; returns (obs, info).
+
+        The block is rotated by `block_rotation` (radians) about its centre of gravity, then moved by `block_offset`
+        (pixels), so its centre of gravity moves by exactly the offset (and its origin too when the rotation is 0);
+        the agent is moved by `agent_offset`. Moved bodies come to rest (zero velocity), since a shove is a
+        displacement, not an impulse. A zero offset / rotation leaves that body untouched. Raises UserError when
+        `shove_problem` finds the result unsafe; the step counter and the goal are unchanged.
+        """
+        problem = self.shove_problem(block_offset, block_rotation, agent_offset)
+        if problem is not None:
+            raise UserError(f"PushTEnv.shove: {problem}")
+        cog, angle, agent = self._shoved_poses(block_offset, block_rotation, agent_offset)
+        space = self.sim.space
+        if np.any(np.asarray(block_offset, dtype=np.float64) != 0) or block_rotation != 0:
+            block = self.sim.block
+            local_cog = np.asarray(block.center_of_gravity, dtype=np.float64)
+            cos, sin = math.cos(angle), math.sin(angle)
+            origin = cog - np.array([cos * local_cog[0] - sin * local_cog[1], sin * local_cog[0] + cos * local_cog[1]])
+            block.angle = angle  # pymunk keeps the centre of gravity fixed while rotating ...
+            block.position = (float(origin[0]), float(origin[1]))  # ... and sets the origin under the new angle
+            block.velocity = (0.0, 0.0)
+            block.angular_velocity = 0.0
+            space.reindex_shapes_for_body(block)
+        if np.any(np.asarray(agent_offset, dtype=np.float64) != 0):
+            self.sim.agent.position = (float(agent[0]), float(agent[1]))
+            self.sim.agent.velocity = (0.0, 0.0)
+            space.reindex_shapes_for_body(self.sim.agent)
+        return self._observe(), self._info(float(self.sim._get_coverage()))
+
+    def _shoved_poses(
+        self, block_offset: Sequence[float], block_rotation: float, agent_offset: Sequence[float]
+    ) -> tuple[np.ndarray, float, np.ndarray]:
+        """(block centre of gravity in the world, block angle, agent position) after the shove."""
+        offsets = []
+        for name, value in (("block_offset", block_offset), ("agent_offset", agent_offset)):
+            arr = np.asarray(value, dtype=np.float64)
+            if arr.shape != (2,) or not np.all(np.isfinite(arr)):
+                raise UserError(f"PushTEnv.shove: {name} must be 2 finite numbers (dx, dy), got {value!r}")
+            offsets.append(arr)
+        if not math.isfinite(float(block_rotation)):
+            raise UserError(f"PushTEnv.shove: block_rotation must be finite, got {block_rotation!r}")
+        block = self.sim.block
+        cog = np.asarray(block.local_to_world(block.center_of_gravity), dtype=np.float64) + offsets[0]
+        agent = np.asarray(self.sim.agent.position, dtype=np.float64) + offsets[1]
+        return cog, float(block.angle) + float(block_rotation), agent
+
+    def _block_polygons(self, cog: np.ndarray, angle: float) -> list[np.ndarray]:
+        """World vertices of each convex piece of the T with its centre of gravity at `cog` and angle `angle`."""
+        block = self.sim.block
+        local_cog = np.asarray(block.center_of_gravity, dtype=np.float64)
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        return [
+            (np.asarray([tuple(v) for v in shape.get_vertices()], dtype=np.float64) - local_cog) @ rot.T + cog
+            for shape in block.shapes
+        ]
 
     # -- internals -------------------------------------------------------------------------------------------------
 
@@ -387,6 +553,8 @@ class PushTEnv(gym.Env):
             img = self.sim._get_img(self.sim._draw(), width=size, height=size, render_action=False)
             obs["image"] = np.ascontiguousarray(img, dtype=np.uint8)
             obs["agent_pos"] = agent.astype(np.float32)
+        if "goal" in self.obs_modes:
+            obs["goal"] = goal_keypoint_obs(self.sim.goal_pose).astype(np.float32)
         return {key: obs[key] for key in self.observation_space.spaces}
 
     def _info(self, coverage: float) -> dict[str, Any]:
@@ -403,3 +571,14 @@ class PushTEnv(gym.Env):
             "agent_vel": np.array(self.sim.agent.velocity, dtype=np.float64),
             "goal_pose": np.array(self.sim.goal_pose, dtype=np.float64),
         }
+
+
+def _point_polygon_distance(point: np.ndarray, polygon: np.ndarray) -> float:
+    """Distance from `point` to the convex `polygon` (vertices in order, either winding); 0 inside."""
+    edges = np.roll(polygon, -1, axis=0) - polygon
+    rel = point - polygon
+    cross = edges[:, 0] * rel[:, 1] - edges[:, 1] * rel[:, 0]
+    if np.all(cross >= 0) or np.all(cross <= 0):
+        return 0.0
+    t = np.clip(np.einsum("ij,ij->i", rel, edges) / np.einsum("ij,ij->i", edges, edges), 0.0, 1.0)
+    return float(np.min(np.linalg.norm(rel - t[:, None] * edges, axis=1)))

@@ -51,6 +51,32 @@ def _agent_pos(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(arrays["state"][..., :2], dtype=np.float32)
 
 
+def _goal(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> np.ndarray:
+    """The `goal` observation for a store that does not hold one: the store's one goal, for every step.
+
+    The goal is the one the collector recorded (`source.goal_pose`), else gym-pusht's default (256, 256, pi/4): the
+    goal of diffusion_policy's human demos, whose store has no attributes. A store that records several goals, or
+    another env, has no single goal to fill in, so it is refused rather than given a wrong one.
+    """
+    import numpy as np
+
+    from fm_policy.errors import UserError
+
+    from .pusht import DEFAULT_GOAL_POSE, goal_keypoint_obs
+
+    source = attrs.get("source") if isinstance(attrs.get("source"), Mapping) else {}
+    env = source.get("env")
+    if env not in (None, "pusht"):
+        raise UserError(f"no `goal` key stored, and the Push-T goal recipe does not apply to a store of env '{env}'")
+    poses = source.get("goal_poses")
+    if poses is not None and len(poses) > 1:
+        raise UserError(f"no `goal` key stored, but the store was collected with {len(poses)} goals (goal_poses), so "
+                        "the goal of each step is unknown; recollect it (collected stores now hold `goal`)")
+    goal = source.get("goal_pose") or (poses[0] if poses else None) or DEFAULT_GOAL_POSE
+    row = goal_keypoint_obs(np.asarray(goal, dtype=np.float64)).astype(np.float32)
+    return np.tile(row, (len(arrays["state"]), 1))
+
+
 def parse_goal(value: str) -> list[float]:
     """`X,Y,ANGLE` -> a Push-T goal pose (pixels, pixels, radians), as the `goal_pose` kwarg takes it."""
     try:
@@ -62,22 +88,38 @@ def parse_goal(value: str) -> list[float]:
     return goal
 
 
+def parse_goals(value: str) -> list[list[float]]:
+    """`X,Y,A;X,Y,A;...` -> a Push-T goal set (the `goal_poses` kwarg): one goal per episode, chosen by env seed."""
+    poses = [p for p in (part.strip() for part in value.split(";")) if p]
+    if not poses:
+        raise ValueError(f"expected goals X,Y,ANGLE separated by ';', e.g. '256,256,0.785;190,310,-1.0'; got '{value}'")
+    try:
+        return [parse_goal(p) for p in poses]
+    except ValueError as exc:
+        raise ValueError(f"in goal set '{value}' (goals separated by ';'): {exc}") from None
+
+
 SPEC = EnvSpec(
     name="pusht",
     description="Push-T (gym-pusht): push a T-shaped block onto its goal pose with a point agent",
     make=_make,
     obs_kwargs=_obs_kwargs,
     collection=ExpertCollection(
-        recorder=_recorder, obs=("state", "keypoints"), max_steps=300, obs_help="state, keypoints, image",
+        recorder=_recorder, obs=("state", "keypoints"), max_steps=300, obs_help="state, keypoints, image, goal",
     ),
     # stores keep diffusion_policy's Push-T field layout: `keypoint` (9, 2) and `img`
     # image mode: `image` (96, 96, 3) uint8 <- `img`, `agent_pos` (2,) <- `state[:, :2]` (diffusion_policy's setting)
+    # `goal` (18,) is stored by the collector; stores without it (human demos) get their one recorded/default goal
     derived_keys={"keypoints": DerivedKey(sources=("keypoint", "state"), build=_keypoints),
-                  "agent_pos": DerivedKey(sources=("state",), build=_agent_pos)},
+                  "agent_pos": DerivedKey(sources=("state",), build=_agent_pos),
+                  "goal": DerivedKey(sources=("state",), build=_goal, uses_attrs=True)},
     renamed_keys={"image": "img"},
     options=(
         EnvOption("--goal", "goal_pose", parse_goal, metavar="X,Y,ANGLE",
                   help="Push-T variant: the T's goal pose (default: gym-pusht's 256,256,0.7854)"),
+        EnvOption("--goals", "goal_poses", parse_goals, metavar="'X,Y,A;X,Y,A;...'",
+                  help="Push-T goal set: each episode's goal is goal number (env seed mod count); add the `goal` "
+                       "observation key to let a policy see it"),
     ),
     packages=("gym-pusht", "pymunk", "gymnasium"),
 )

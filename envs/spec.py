@@ -94,7 +94,10 @@ class DerivedKey:
     env's observation keys."""
 
     sources: tuple[str, ...]
-    build: Callable[[Mapping[str, np.ndarray]], np.ndarray]
+    build: Callable[..., np.ndarray]
+    uses_attrs: bool = False
+    """True: `build(arrays, attrs)` also gets the store's root attributes, for a value the fields do not hold but
+    the store records (Push-T's `goal` from the collector's recorded goal); False: `build(arrays)`."""
 
 
 @dataclass(frozen=True)

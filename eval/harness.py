@@ -18,6 +18,9 @@ What it guarantees (the diffusion_policy runners' pitfalls; docs/evaluation.md, 
   process (so `n_envs == workers`); the envs are built inside the workers and gymnasium's parent-side "dummy env" is
   replaced by a spaces-only stand-in (the spaces come from a short-lived spawned probe), so this process never
   creates a simulator or GL context. Scripts that use workers > 1 need the `if __name__ == "__main__":` guard.
+- `disturbance=Disturbance(...)` (`fm_policy.eval.disturbances`) adds observation noise, a shove at a given env step
+  and/or a scaled / offset initial noise, each drawn per episode from the disturbance seed and the env seed (paired
+  like the initial noise); the report records it in `env_info["disturbance"]` and each episode's shove.
 - Videos (first `n_videos` seeds of each setting) are rendered and encoded inside the process that owns the env.
 - Push-T itself is reproducible per seed only to the last bit: pymunk's contact solving can depend on the process's
   history, so replaying a seed after other episodes may change rewards by ~1e-16 (compare results with a tolerance).
@@ -53,6 +56,7 @@ from fm_policy.envs.registry import env_metrics, env_spec
 from fm_policy.errors import UserError
 from fm_policy.versions import hardware_description, package_versions
 
+from .disturbances import Disturbance, DisturbedEnv, init_noise_offset
 from .metrics import Estimate, mean_ci, rate_ci
 
 if TYPE_CHECKING:  # torch is imported lazily: spawned env workers must not pay for it
@@ -100,6 +104,8 @@ class EpisodeResult:
     truncated: bool
     wall_s: float
     video: str | None = None
+    shove: dict[str, Any] | None = None
+    """The episode's shove when the evaluation had one: step, applied, the drawn offsets and rotation."""
 
 
 @dataclass
@@ -307,9 +313,10 @@ class _HarnessEnv(gym.Wrapper):
     gymnasium's DISABLED autoreset never sees a finished env being stepped and nothing of it is counted.
     """
 
-    def __init__(self, env: gym.Env, recorder: _EpisodeRecorder):
+    def __init__(self, env: gym.Env, recorder: _EpisodeRecorder, disturbed: DisturbedEnv | None = None):
         super().__init__(env)
         self.recorder = recorder
+        self.disturbed = disturbed
         self.harness_plan: dict[str, Any] | None = None
         self.episode_stats: dict[str, Any] | None = None
         self._seed: int | None = None
@@ -341,6 +348,7 @@ class _HarnessEnv(gym.Wrapper):
             self.episode_stats = {
                 **self.recorder.finish(), "seed": self._seed, "terminated": bool(terminated),
                 "truncated": bool(truncated),
+                "shove": None if self.disturbed is None else self.disturbed.shove_record,
             }
         return obs, reward, terminated, truncated, _scalars(info)
 
@@ -375,6 +383,8 @@ class _EnvFactory:
     n_obs_steps: int
     n_action_steps: int
     max_episode_steps: int | None
+    disturbance: Disturbance | None = None
+    """Observation noise / shove, applied in the env's process (None: none, the wrapper is not even built)."""
     parent_pid: int | None = None
     parent_spaces: dict[str, Any] | None = None
 
@@ -386,11 +396,12 @@ class _EnvFactory:
         from fm_policy.envs import MultiStepWrapper, make_env
 
         recorder = _EpisodeRecorder(make_env(self.env, **self.env_kwargs))
+        disturbed = DisturbedEnv(recorder, self.disturbance, self.env) if self.disturbance is not None else None
         wrapped = MultiStepWrapper(
-            recorder, n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
-            max_episode_steps=self.max_episode_steps,
+            disturbed if disturbed is not None else recorder, n_obs_steps=self.n_obs_steps,
+            n_action_steps=self.n_action_steps, max_episode_steps=self.max_episode_steps,
         )
-        return _HarnessEnv(wrapped, recorder)
+        return _HarnessEnv(wrapped, recorder, disturbed)
 
 
 def _probe_spaces(factory: _EnvFactory) -> dict[str, Any]:
@@ -481,6 +492,7 @@ def evaluate(
     device: Any = "cpu",
     torch_seed: int = 0,
     progress: bool = True,
+    disturbance: Disturbance | dict[str, Any] | None = None,
 ) -> EvalReport:
     """Roll `policy` out for `n_episodes` seeds under each `num_steps` setting and aggregate the metrics.
 
@@ -491,6 +503,9 @@ def evaluate(
         factory as `max_episode_steps` (envs of this package accept it) and to MultiStepWrapper.
     video_dir / n_videos: mp4 of the first `n_videos` seeds of every setting, named `<label>_seed<seed>.mp4`.
     device: where observations go and the policy runs (the policy must already be there).
+    disturbance: observation noise, a shove, perturbed initial noise (`fm_policy.eval.disturbances.Disturbance`, or
+        its fields as a dict); drawn per episode from its seed and the env seed, so every setting sees the same
+        disturbance for an episode. Recorded in `env_info["disturbance"]` (None without one).
     """
     import torch
 
@@ -530,14 +545,30 @@ def evaluate(
         video_dir = os.path.abspath(video_dir)  # type: ignore[arg-type]
         os.makedirs(video_dir, exist_ok=True)
 
+    if isinstance(disturbance, dict):
+        disturbance = Disturbance.from_dict(disturbance)
+    if disturbance is not None and not isinstance(disturbance, Disturbance):
+        raise UserError(f"disturbance must be a Disturbance (fm_policy.eval.disturbances) or a dict, got {disturbance!r}")
+    noise_shape = getattr(policy, "noise_shape", None)
+    noise_shape = tuple(int(d) for d in noise_shape) if noise_shape is not None else None
+    if disturbance is not None and disturbance.init_noise_active and noise_shape is None:
+        raise UserError(
+            f"init_noise_scale / init_noise_offset need a policy with a `noise_shape` (the harness then draws its "
+            f"initial noise); {type(policy).__name__} draws its own"
+        )
+
     env_kwargs = dict(env_kwargs or {})
     if max_episode_steps is not None:
         env_kwargs.setdefault("max_episode_steps", int(max_episode_steps))
-    factory = _EnvFactory(env, env_kwargs, n_obs_steps, n_action_steps, max_episode_steps)
+    env_disturbance = disturbance if disturbance is not None and disturbance.env_side_active else None
+    factory = _EnvFactory(env, env_kwargs, n_obs_steps, n_action_steps, max_episode_steps, env_disturbance)
     metrics_hook = env_metrics(env)  # env-specific aggregates (Kitchen p_n), None for Push-T
     seeds = [int(seed_start) + i for i in range(int(n_episodes))]
-    noise_shape = getattr(policy, "noise_shape", None)
-    noise_shape = tuple(int(d) for d in noise_shape) if noise_shape is not None else None
+    init_offsets = (
+        {s: init_noise_offset(noise_shape, disturbance, s) for s in seeds}
+        if disturbance is not None and disturbance.init_noise_offset > 0 and noise_shape is not None else None
+    )
+    init_scale = disturbance.init_noise_scale if disturbance is not None else 1.0
     torch_device = torch.device(device)
 
     was_training = bool(getattr(policy, "training", False))
@@ -583,7 +614,12 @@ def evaluate(
                     if generators is not None:
                         noise = torch.stack(
                             [torch.randn(noise_shape, generator=generators[ctx.slot_seed[r]]) for r in rows]
-                        ).to(torch_device)
+                        )
+                        if init_scale != 1.0:
+                            noise = noise * init_scale
+                        if init_offsets is not None:
+                            noise = noise + torch.stack([init_offsets[ctx.slot_seed[r]] for r in rows])
+                        noise = noise.to(torch_device)
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         actions = policy.predict_action_chunk(obs_t, num_steps=ns, noise=noise)
@@ -618,6 +654,7 @@ def evaluate(
         "n_obs_steps": n_obs_steps, "n_action_steps": n_action_steps, "max_episode_steps": step_limit,
         "torch_seed": int(torch_seed),
         "noise": "per-episode generator" if noise_shape is not None else "global torch RNG",
+        "disturbance": None if disturbance is None else disturbance.to_dict(),
         "policy": type(policy).__name__, "warmup_ms": warmup_ms, "versions": _versions(env),
         "hardware": hardware_description(torch_device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "score_ci": "bootstrap percentile, 10000 resamples, seed 0", "success_ci": "Wilson score interval",
@@ -731,6 +768,7 @@ class _Rollout:
                 final_coverage=None if st["final_coverage"] is None else float(st["final_coverage"]),
                 steps=int(st["steps"]), n_chunks=self.slot_chunks[r], terminated=bool(st["terminated"]),
                 truncated=bool(st["truncated"]), wall_s=time.perf_counter() - self.slot_start[r], video=st["video"],
+                shove=st.get("shove"),
             ))
         return self._reset(np.asarray(done_rows))
 

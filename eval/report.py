@@ -82,6 +82,7 @@ def summary(report: EvalReport) -> dict[str, Any]:
         "hardware": {k: hw.get(k) for k in ("cpu", "usable_cores", "torch_threads", "device", "gpu") if k in hw},
         "versions": {k: v for k, v in info.get("versions", {}).items() if v},
         "created": info.get("created"), "settings": settings,
+        **({"disturbance": info["disturbance"]} if info.get("disturbance") else {}),
     }
 
 
@@ -135,6 +136,7 @@ def markdown_from_summary(info: dict[str, Any]) -> str:
         f"device {hw.get('device')}{', ' + hw['gpu'] if hw.get('gpu') else ''}",
         f"- versions: {vers}",
         f"- created: {info.get('created')}",
+        *([f"- disturbance: {_disturbance_text(info['disturbance'])}"] if info.get("disturbance") else []),
         "",
         "| num_steps | mean final coverage | mean episode steps | env steps/s | wall s | policy s | env s |",
         "|---|---|---|---|---|---|---|",
@@ -154,6 +156,21 @@ def markdown_from_summary(info: dict[str, Any]) -> str:
         if info.get("regenerate"):
             lines += ["", f"Rendered from the JSON by `{info['regenerate']}`."]
     return "\n".join(lines) + "\n"
+
+
+def _disturbance_text(d: dict[str, Any]) -> str:
+    """One line naming only the disturbances that act (docs/evaluation.md, "Disturbances")."""
+    parts = []
+    if d.get("obs_noise"):
+        keys = d.get("obs_noise_keys") or "float keys"
+        scale = f", scale {d['obs_noise_scale']}" if d.get("obs_noise_scale") else ""
+        parts.append(f"observation noise std {d['obs_noise']} on {keys}{scale}")
+    if d.get("shove_step") is not None and (d.get("shove_block") or d.get("shove_agent") or d.get("shove_angle")):
+        parts.append(f"shove after step {d['shove_step']}: block {d.get('shove_block', 0)}, agent "
+                     f"{d.get('shove_agent', 0)}, angle {d.get('shove_angle', 0)} rad")
+    if d.get("init_noise_scale", 1.0) != 1.0 or d.get("init_noise_offset"):
+        parts.append(f"initial noise x {d.get('init_noise_scale', 1.0)} + offset of norm {d.get('init_noise_offset', 0)}")
+    return ("; ".join(parts) or "none (all zero)") + f" (disturbance seed {d.get('seed', 0)})"
 
 
 def _markdown(report: EvalReport) -> str:

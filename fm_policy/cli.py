@@ -158,9 +158,44 @@ def _env_kwarg(value: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"value of '{key}' is not valid YAML: {exc}") from None
 
 
+def _noise_scale(value: str) -> tuple[str, object]:
+    """`KEY=S` or `KEY=S1,S2,...` (one scale per dimension) for --obs-noise-scale."""
+    key, sep, raw = value.partition("=")
+    try:
+        if not sep or not key.strip():
+            raise ValueError
+        scales = tuple(float(v) for v in csv_list(raw))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=SCALE or KEY=S1,S2,..., e.g. state=1,1,1,1,0.01; got '{value}'") from None
+    return key.strip(), scales[0] if len(scales) == 1 else scales
+
+
+_DISTURBANCE_FLAGS = {  # Disturbance field -> argparse dest (docs/evaluation.md, "Disturbances")
+    "obs_noise": "obs_noise", "obs_noise_keys": "obs_noise_keys", "obs_noise_scale": "obs_noise_scale",
+    "shove_step": "shove_step", "shove_block": "shove_block", "shove_agent": "shove_agent",
+    "shove_angle": "shove_angle", "init_noise_scale": "init_noise_scale", "init_noise_offset": "init_noise_offset",
+    "seed": "disturbance_seed",
+}
+
+
+def _disturbance(args: argparse.Namespace) -> Any:
+    """The eval's `Disturbance` from its flags, or None when none is given; bad values fail here, before the
+    checkpoint is loaded."""
+    given = {field: getattr(args, dest) for field, dest in _DISTURBANCE_FLAGS.items()
+             if getattr(args, dest) not in (None, [])}
+    if not given:
+        return None
+    from fm_policy.eval.disturbances import Disturbance
+
+    if "obs_noise_scale" in given:
+        given["obs_noise_scale"] = dict(given["obs_noise_scale"])
+    return Disturbance(**given)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fm_policy.eval.run import eval_checkpoint
 
+    disturbance = _disturbance(args)
     _report, paths = eval_checkpoint(
         args.checkpoint,
         out_dir=args.out,
@@ -174,6 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         env_kwargs={**_env_option_kwargs(args, "eval"), **dict(args.env_kwarg)},
         progress=not args.no_progress,
+        disturbance=disturbance,
     )
     print(paths["markdown"].read_text())
     print(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
@@ -345,6 +381,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", type=int, default=0, help="mp4 videos of the first N episodes of each setting")
     p.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("disturbances", "robustness rollouts, drawn per episode from --disturbance-seed and the "
+                             "env seed, so every --num-steps setting sees the same ones (docs/evaluation.md)")
+    g.add_argument("--obs-noise", type=float, metavar="STD",
+                   help="Gaussian noise std added to the float observation keys, in env units (Push-T: pixels)")
+    g.add_argument("--obs-noise-keys", type=_csv, metavar="KEYS",
+                   help="observation keys to perturb (default: every float key; name an image to perturb it)")
+    g.add_argument("--obs-noise-scale", type=_noise_scale, action="append", metavar="KEY=S[,S...]",
+                   help="per-key multiplier of --obs-noise, one number or one per dimension (repeatable), e.g. "
+                        "state=1,1,1,1,0.01")
+    g.add_argument("--shove-step", type=int, metavar="N", help="env step after which the shove is applied")
+    g.add_argument("--shove-block", type=float, metavar="PX",
+                   help="distance the block is displaced in a random direction (Push-T: pixels)")
+    g.add_argument("--shove-agent", type=float, metavar="PX", help="distance the agent is displaced")
+    g.add_argument("--shove-angle", type=float, metavar="RAD", help="block rotation about its centre, random sign")
+    g.add_argument("--init-noise-scale", type=float, metavar="F",
+                   help="multiply the policy's initial flow noise (policies with a noise_shape; default 1)")
+    g.add_argument("--init-noise-offset", type=float, metavar="NORM",
+                   help="add a per-episode random offset of this norm to the initial noise (default 0)")
+    g.add_argument("--disturbance-seed", type=int, metavar="N", help="seed of the disturbance draws (default 0)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("quickstart", help="the whole loop on Push-T in minutes: collect, train, evaluate")

@@ -11,6 +11,8 @@ import pytest
 from fm_policy.datasets import collect as collect_module
 from fm_policy.datasets.collect import CollectConfig, collect
 from fm_policy.datasets.replay_buffer import ReplayBuffer
+from fm_policy.envs import goal_keypoint_obs
+from fm_policy.envs.pusht import DEFAULT_GOAL_POSE
 
 from fm_policy.cli import main
 
@@ -35,7 +37,9 @@ def reference(tmp_path_factory) -> str:
 def test_store_layout_and_attributes(reference):
     with ReplayBuffer.open(reference) as buffer:
         assert buffer.n_episodes == 2
-        assert buffer.keys == ["action", "img", "keypoint", "n_contacts", "state"]
+        assert buffer.keys == ["action", "goal", "img", "keypoint", "n_contacts", "state"]
+        np.testing.assert_array_equal(buffer.array("goal")[:], np.tile(goal_keypoint_obs(DEFAULT_GOAL_POSE),
+                                                                       (buffer.n_steps, 1)).astype(np.float32))
         assert buffer.array("img").dtype == np.uint8 and buffer.array("img").shape[1:] == (96, 96, 3)
         assert buffer.array("keypoint").shape[1:] == (9, 2)
         np.testing.assert_array_equal(buffer.meta["env_seed"][:], [SEED, SEED + 1])
@@ -45,6 +49,7 @@ def test_store_layout_and_attributes(reference):
         assert attrs["source"]["env_versions"]["gym-pusht"] == "0.1.8"
         assert attrs["source"]["expert"]["config"], "expert settings are recorded"
         assert attrs["source"]["obs_modes"] == ["state", "keypoints", "image"]
+        assert attrs["source"]["goal_poses"] == [list(DEFAULT_GOAL_POSE)]
 
 
 def test_stored_actions_replay_the_episode(reference):

@@ -23,6 +23,7 @@ EXPECTED = {
     "state": {"state": ((5,), np.float32)},
     "keypoints": {"keypoints": ((20,), np.float32)},
     "image": {"image": ((96, 96, 3), np.uint8), "agent_pos": ((2,), np.float32)},
+    "goal": {"goal": ((18,), np.float32)},
 }
 
 
@@ -30,7 +31,7 @@ def _random_actions(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(100, 400, size=(n, 2)).astype(np.float32)
 
 
-@pytest.mark.parametrize("mode", ["state", "keypoints", "image", "state,keypoints,image"])
+@pytest.mark.parametrize("mode", ["state", "keypoints", "image", "goal", "state,keypoints,image,goal"])
 def test_spaces_shapes_dtypes(mode: str) -> None:
     env = PushTEnv(obs_mode=mode)
     expected = {k: v for m in mode.split(",") for k, v in EXPECTED[m].items()}

@@ -1,5 +1,6 @@
 """Push-T planning expert on the real gym-pusht simulator: geometry tables, easy seeds solved, bitwise
-reproducibility, action range, a non-default goal pose (set on the sim and through fm_policy.envs.PushTEnv)."""
+reproducibility, action range, a non-default goal pose (set on the sim, through fm_policy.envs.PushTEnv, and drawn
+from a goal set by the reset seed)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,16 @@ def test_custom_goal_through_package_env() -> None:
     from fm_policy.envs import PushTEnv
 
     r = run_expert_episode(PushTEnv(obs_mode="state", goal_pose=CUSTOM_GOAL), CUSTOM_GOAL_SEED, 0)
+    assert r["success"]
+
+
+def test_goal_set_episode_is_solved_for_its_goal() -> None:
+    """With `goal_poses` the env picks the goal from the seed at reset; the expert reads it from the sim."""
+    from fm_policy.envs import PushTEnv
+
+    env = PushTEnv(obs_mode="state", goal_poses=[(256.0, 256.0, np.pi / 4), CUSTOM_GOAL])
+    r = run_expert_episode(env, CUSTOM_GOAL_SEED, 0)  # seed 5 -> goal 5 % 2 = 1, the custom one
+    np.testing.assert_allclose(env.goal_pose, CUSTOM_GOAL)
     assert r["success"]
 
 
