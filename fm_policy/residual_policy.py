@@ -47,6 +47,7 @@ class ResidualFlowPolicyConfig(FlowPolicyConfig):
         """Format 1 kept the residual's config beside the policy config, at the top level of config.json."""
         values = super().migrate_v1(values, meta)
         values["residual"] = dict(meta.get("residual") or {})
+        values["residual"].setdefault("kind", "monotone")  # format 1's default kind (the default is lure since)
         return values
 
 

@@ -208,7 +208,9 @@ def _ft_config(checkpoint: Path, run_dir: Path, *overrides: str) -> FinetuneConf
 @pytest.mark.parametrize("method,expected", [("mle", FlowPolicy), ("residual", ResidualFlowPolicy)])
 def test_finetune_runs_checkpoints_and_loads(pretrained, tmp_path, method, expected):
     # data.path is left empty: the store and split come from the pre-training run's config.yaml
-    checkpoint = finetune(_ft_config(pretrained, tmp_path / method, f"method={method}", "residual.width=16"))
+    # monotone: its weight W starts at exactly 0, so "the residual trained" reads as "W is no longer 0"
+    checkpoint = finetune(_ft_config(pretrained, tmp_path / method, f"method={method}", "residual.width=16",
+                                     "residual.kind=monotone"))
     assert checkpoint.name == "step_6" and (tmp_path / method / "tb").is_dir()
     policy = load_policy(checkpoint / "ema")
     assert type(policy) is expected
