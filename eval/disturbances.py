@@ -253,7 +253,7 @@ class DisturbedEnv(gym.Wrapper):
         self._shove_rng = np.random.default_rng(episode_disturbance_seed(d.seed, seed, STREAM_SHOVE))
         self.shove_record = {"step": d.shove_step, "applied": False} if d.shove_active else None
         if d.shove_active and d.shove_step == 0:
-            obs, info = self._shove(info)
+            obs, info = self._shove(obs, info)
         return self._noisy(obs), info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -261,7 +261,7 @@ class DisturbedEnv(gym.Wrapper):
         self._t += 1
         d = self.disturbance
         if d.shove_active and self._t == d.shove_step and not (terminated or truncated):
-            obs, info = self._shove(info)
+            obs, info = self._shove(obs, info)
         return self._noisy(obs), reward, terminated, truncated, info
 
     def _noisy(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -277,7 +277,7 @@ class DisturbedEnv(gym.Wrapper):
             out[key] = value.astype(dtype)
         return out
 
-    def _shove(self, info: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _shove(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Rejection-sample directions (and the rotation's sign) until the env accepts one; same draws per seed."""
         assert self._shove_rng is not None
         d, env = self.disturbance, self.env.unwrapped
@@ -291,14 +291,26 @@ class DisturbedEnv(gym.Wrapper):
             rotation = sign * d.shove_angle + 0.0
             problem = env.shove_problem(block_offset, rotation, agent_offset)
             if problem is None:
-                obs, shove_info = env.shove(block_offset, rotation, agent_offset)
+                shoved_obs, shove_info = env.shove(block_offset, rotation, agent_offset)
                 self.shove_record = {
                     "step": d.shove_step, "applied": True, "block_offset": list(block_offset),
                     "block_rotation": rotation, "agent_offset": list(agent_offset), "attempts": attempt,
                 }
-                return obs, {**info, **shove_info, "shoved": True}
-        raise UserError(
-            f"env '{self.env_name}', seed {self._seed}: no safe shove (block {d.shove_block}, agent {d.shove_agent}, "
-            f"angle {d.shove_angle}) at step {d.shove_step} in {SHOVE_MAX_TRIES} random directions (last: {problem}); "
-            "use a smaller shove"
-        )
+                return shoved_obs, {**info, **shove_info, "shoved": True}
+        # this state leaves no room (the block near a wall): the episode runs on unshoved and says why; a shove that
+        # fits no episode at all is an error (`check_shoves_applied`)
+        self.shove_record = {"step": d.shove_step, "applied": False, "attempts": SHOVE_MAX_TRIES,
+                             "reason": f"no safe direction in {SHOVE_MAX_TRIES} tries (last: {problem})"}
+        return obs, info
+
+
+def check_shoves_applied(episodes: Sequence[Any], disturbance: Disturbance | None) -> None:
+    """A shove that no episode could take is a configuration error (too large for the task), not a result."""
+    if disturbance is None or not disturbance.shove_active:
+        return
+    records = [e.shove for e in episodes if e.shove is not None]
+    refused = [r for r in records if r.get("reason")]
+    if refused and not any(r.get("applied") for r in records):
+        raise UserError(f"no episode could take the shove (block {disturbance.shove_block}, agent "
+                        f"{disturbance.shove_agent}, angle {disturbance.shove_angle}) at step "
+                        f"{disturbance.shove_step}: {refused[0]['reason']}; use a smaller shove")

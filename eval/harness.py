@@ -56,7 +56,7 @@ from fm_policy.envs.registry import env_metrics, env_spec
 from fm_policy.errors import UserError
 from fm_policy.versions import hardware_description, package_versions
 
-from .disturbances import Disturbance, DisturbedEnv, init_noise_offset
+from .disturbances import Disturbance, DisturbedEnv, check_shoves_applied, init_noise_offset
 from .metrics import Estimate, mean_ci, rate_ci
 
 if TYPE_CHECKING:  # torch is imported lazily: spawned env workers must not pay for it
@@ -659,6 +659,7 @@ def evaluate(
         "hardware": hardware_description(torch_device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "score_ci": "bootstrap percentile, 10000 resamples, seed 0", "success_ci": "Wilson score interval",
     }
+    check_shoves_applied([e for r in results for e in r.episodes], disturbance)
     return EvalReport(settings=results, env_info=env_info)
 
 

@@ -270,8 +270,21 @@ def test_shove_agent_and_impossible_shove() -> None:
         moved = policy.seen[2][row][:2] - policy.seen[1][row][:2]  # observations after 0 and 4 env steps (held)
         assert np.linalg.norm(moved) == pytest.approx(25.0, abs=1e-3)
         np.testing.assert_allclose(moved, episode.shove["agent_offset"], atol=1e-3)
-    with pytest.raises(UserError, match="no safe shove"):
+    with pytest.raises(UserError, match="no episode could take the shove"):
         evaluate(HoldStill(), "pusht", disturbance=Disturbance(shove_step=4, shove_block=600.0), **KW)
+
+
+def test_a_shove_one_state_cannot_take_is_recorded_and_the_rest_run() -> None:
+    """A shove that fits some states but not one (the block near a wall) skips that episode's shove with the
+    reason instead of aborting the whole evaluation; the episodes that can take it are shoved."""
+    from fm_policy.eval.disturbances import check_shoves_applied
+
+    ok = type("E", (), {"shove": {"step": 4, "applied": True}})()
+    refused = type("E", (), {"shove": {"step": 4, "applied": False, "reason": "no safe direction"}})()
+    dist = Disturbance(shove_step=4, shove_block=40.0)
+    check_shoves_applied([ok, refused], dist)  # mixed: a result, not an error
+    with pytest.raises(UserError, match="no safe direction"):
+        check_shoves_applied([refused, refused], dist)
 
 
 def test_shove_after_episode_end_is_recorded_as_not_applied() -> None:

@@ -118,6 +118,10 @@ def test_disturbed_table(seed_reports: list[str], tmp_path: Path) -> None:
     assert "(0/8) | 0.00, 0.00 (0.00 ± 0.00) |" in text
     assert "- `shove-block-40px`: shove after step 100: block 40.0, agent 0.0, angle 0.0 rad (disturbance seed 0)" in text
     assert "- `none`: no disturbance" in text
+    only8 = pr.page_data({}, {}, disturbed=[("flow", "none@8", seed_reports)])["disturbed"]
+    assert [(r["label"], r["num_steps"]) for r in only8] == [("none", 8)]
+    with pytest.raises(SystemExit, match="no num_steps 2"):
+        pr.page_data({}, {}, disturbed=[("flow", "none@2", seed_reports)])
     one = pr.page_data({}, {}, disturbed=[("flow", "shove", shoved[:1])])["disturbed"][0]
     assert one["n_seeds"] == 1 and one["across_seeds"]["score_std"] is None
     assert "(one seed)" in pr.render(pr.page_data({}, {}, disturbed=[("flow", "shove", shoved[:1])]), tmp_path)
@@ -143,7 +147,7 @@ def test_cli_values() -> None:
     assert pr._path_lists(["a=x.json", "b=x.json,y.json"]) == {"a": "x.json", "b": ["x.json", "y.json"]}
     assert pr._disturbed_triples(["flow=obs-noise-5px=a.json,b.json", "flow=none=c.json"]) == [
         ("flow", "obs-noise-5px", ["a.json", "b.json"]), ("flow", "none", ["c.json"])]
-    with pytest.raises(SystemExit, match="NAME=LABEL="):
+    with pytest.raises(SystemExit, match=r"NAME=LABEL\[@STEPS\]="):
         pr._disturbed_triples(["flow=a.json"])
 
 

@@ -72,7 +72,7 @@ def _disturbed_triples(values: list[str]) -> list[tuple[str, str, list[str]]]:
         name, _, rest = value.partition("=")
         label, _, paths = rest.partition("=")
         if not (name and label and paths):
-            raise SystemExit(f"--disturbed expects NAME=LABEL=EVAL_JSON[,EVAL_JSON...], got '{value}'")
+            raise SystemExit(f"--disturbed expects NAME=LABEL[@STEPS]=EVAL_JSON[,EVAL_JSON...], got '{value}'")
         split = _split(paths)
         out.append((name, label, [split] if isinstance(split, str) else split))
     return out
@@ -203,11 +203,19 @@ def _disturbance_words(disturbance: dict[str, Any] | None) -> str:
 
 
 def _disturbed_rows(name: str, label: str, paths: list[str]) -> list[dict[str, Any]]:
+    """`label` may end in `@N`: keep only the num_steps N setting of the reports (e.g. the undisturbed reference row
+    taken from a 1/2/4/8-step eval report)."""
+    label, _, only = label.partition("@")
     reports = _load_reports(paths)
     _check_seeds(f"--disturbed {name}={label}", paths, reports)
     disturbance = reports[0]["env_info"].get("disturbance")
+    rows = _seed_rows(name, paths, reports)
+    if only:
+        rows = [row for row in rows if str(row["num_steps"]) == only]
+        if not rows:
+            raise SystemExit(f"--disturbed {name}={label}@{only}: the reports hold no num_steps {only} setting")
     return [{**row, "label": label, "disturbance": disturbance, "disturbance_text": _disturbance_words(disturbance)}
-            for row in _seed_rows(name, paths, reports)]
+            for row in rows]
 
 
 def _samples(sessions: list[dict[str, Any]]) -> int:
