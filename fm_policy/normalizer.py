@@ -3,7 +3,10 @@
 Modes:
 - `minmax`: per dimension to [-1, 1]. The flow's Gaussian noise and diffusion's clipping both live on that scale.
   A dimension whose range is below `range_eps` is only centred (scale 1), so a constant input does not blow up to
-  +-1e4 and back (diffusion_policy's rule).
+  +-1e4 and back (diffusion_policy's rule). A key may instead declare its range (`ranges`, e.g. Push-T's goal
+  keypoints over the workspace [0, 512]): a key that is constant in one dataset but varies in the next (the goal of a
+  single-goal store, then of an adaptation set with another goal) must keep one scale for both, or the new values
+  reach the network hundreds of units away from anything it saw.
 - `zscore`: per dimension to zero mean and unit variance; a near-constant dimension (std < eps) is only centred.
 - `identity`: left as is (e.g. quaternions, or actions already in [-1, 1]).
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -64,7 +67,8 @@ def streaming_stats(blocks: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
     return {"min": low, "max": high, "mean": mean, "std": np.sqrt(m2 / count)}
 
 
-def _affine(data: Any, mode: str, range_eps: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def _affine(data: Any, mode: str, range_eps: float, bounds: tuple[float, float] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     if hasattr(data, "iter_blocks"):  # a streamed array (fm_policy.datasets.streaming): one pass over its chunks
         stats = streaming_stats(data.iter_blocks())
     else:
@@ -72,6 +76,14 @@ def _affine(data: Any, mode: str, range_eps: float) -> tuple[np.ndarray, np.ndar
         if x.ndim == 0 or len(x) == 0:
             raise ValueError(f"cannot fit a normaliser on an empty array of shape {x.shape}")
         stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+    if bounds is not None:
+        if mode != "minmax":
+            raise ValueError(f"a declared range applies to the 'minmax' mode only, not '{mode}'")
+        low, high = (float(b) for b in bounds)
+        if not (np.isfinite(low) and np.isfinite(high) and high - low >= range_eps):
+            raise ValueError(f"a declared range must be finite with high > low, got {bounds}")
+        scale = np.full_like(stats["mean"], 2.0 / (high - low))
+        return scale, -1.0 - scale * low, stats
     if mode == "minmax":
         span = stats["max"] - stats["min"]
         flat = span < range_eps
@@ -97,15 +109,21 @@ class Normalizer(nn.Module):
 
     @classmethod
     def fit(
-        cls, data: Mapping[str, np.ndarray], modes: Mapping[str, NormMode] | NormMode = "minmax", range_eps: float = 1e-4
+        cls, data: Mapping[str, np.ndarray], modes: Mapping[str, NormMode] | NormMode = "minmax", range_eps: float = 1e-4,
+        ranges: Mapping[str, Sequence[float]] | None = None,
     ) -> Normalizer:
         """Fit on arrays of shape (N, ...) (statistics over axis 0, per remaining element). A streamed array (one
         with `iter_blocks()`, e.g. `fm_policy.datasets.streaming.ChunkedArray`) is read in one pass, chunk by
-        chunk, never whole."""
+        chunk, never whole. `ranges` maps a key to a declared (low, high) that replaces the data's min/max for every
+        dimension of that key (minmax mode); the data's statistics are still recorded."""
         norm = cls()
+        ranges = dict(ranges or {})
         for key, values in data.items():
             mode = modes if isinstance(modes, str) else modes.get(key, "minmax")
-            scale, offset, stats = _affine(values, mode, range_eps)
+            bounds = ranges.get(key)
+            if bounds is not None and len(bounds) != 2:
+                raise ValueError(f"the declared range of '{key}' must be [low, high], got {list(bounds)}")
+            scale, offset, stats = _affine(values, mode, range_eps, None if bounds is None else tuple(bounds))
             norm._set(key, mode, {"scale": scale, "offset": offset, **stats})
         return norm
 

@@ -66,6 +66,9 @@ class PolicyConfig:
     n_action_steps: int = 8
     network: dict[str, Any] = field(default_factory=lambda: {"kind": "unet1d"})
     normalization: dict[str, str] = field(default_factory=dict)  # key -> minmax | zscore | identity (default minmax)
+    # key -> [low, high] declared for minmax instead of the data's range (fm_policy.normalizer: keeps one scale for
+    # an input that is constant in the pre-training data but not in later data, e.g. Push-T's `goal`)
+    normalization_ranges: dict[str, list[float]] = field(default_factory=dict)
     solver: str = ""
     num_inference_steps: int = 8
     # filled in from the data when a policy is built for training; saved with it
@@ -370,4 +373,12 @@ def fit_normalizer(config: PolicyConfig, arrays: Mapping[str, np.ndarray]) -> No
     uint8 to [0, 1] itself), so no statistics are computed over image arrays."""
     images = set(config.image_keys())
     keys = [*(k for k in config.obs_shapes if k not in images), "action"]
-    return Normalizer.fit({k: arrays[k] for k in keys}, {k: config.normalization.get(k, "minmax") for k in keys})
+    unknown = sorted(set(config.normalization_ranges) - set(keys))
+    if unknown:
+        raise ConfigError(f"policy.normalization_ranges names {unknown}, which are not low-dim keys of this policy "
+                          f"({keys})")
+    try:
+        return Normalizer.fit({k: arrays[k] for k in keys}, {k: config.normalization.get(k, "minmax") for k in keys},
+                              ranges=config.normalization_ranges)
+    except ValueError as exc:
+        raise ConfigError(f"policy.normalization / normalization_ranges: {exc}") from None

@@ -265,3 +265,24 @@ def test_collect_goal_variant_stores_the_goal_and_reaches_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:  # argparse: usage error, exit 2
         main(["collect", "--episodes", "1", "--out", str(tmp_path / "x.zarr"), "--goal", "1,2"])
     assert bad.value.code == 2 and "X,Y,ANGLE" in capsys.readouterr().err
+
+
+def test_benchmark_arms_parse_and_pair_like_with_like():
+    """The GFT benchmark's arms: method, coupling, schedule override and seed count from one spec, and each arm is
+    compared only with the arm that differs from it in one respect."""
+    from fm_policy.eval.benchmarks.bench_gft import Arm, BenchConfig, _split_arms, comparison_pairs, steps_to_threshold
+
+    specs = _split_arms("scratch,ft,gft,ft+ot*3,gft+ot*3,gft(w0=0.3,anneal=1)*3")
+    assert specs[-1] == "gft(w0=0.3,anneal=1)*3"
+    arms = [Arm.parse(s) for s in specs]
+    assert arms[3] == Arm("ft", "ot", seeds=3) and arms[3].n_seeds(5) == 3 and arms[0].n_seeds(5) == 5
+    assert arms[5].name == "gft(w0=0.3,anneal=1)" and arms[5].w0 == 0.3 and arms[5].anneal == 1.0
+    assert arms[5].folder == "gft_w0=0.3_anneal=1"
+    pairs = set(comparison_pairs(BenchConfig(methods=specs)))
+    assert pairs == {("ft", "scratch"), ("gft", "ft"), ("gft", "scratch"), ("ft+ot", "ft"), ("gft+ot", "ft+ot"),
+                     ("gft+ot", "gft"), ("gft(w0=0.3,anneal=1)", "gft")}
+    for bad in ("sgd", "ft(w0=0.3)", "gft(lr=1)"):
+        with pytest.raises(SystemExit):
+            Arm.parse(bad)
+    curve = [{"step": 500, "success": 0.1}, {"step": 1000, "success": 0.35}, {"step": 1500, "success": 0.2}]
+    assert steps_to_threshold(curve, 0.3) == 1000 and steps_to_threshold(curve, 0.5) is None

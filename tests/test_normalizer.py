@@ -72,3 +72,20 @@ def test_clear_errors(tmp_path, data):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a normaliser file"):
         Normalizer.load(tmp_path / "other.safetensors")
+
+
+def test_declared_range_replaces_the_data_range_and_keeps_a_constant_key_on_scale():
+    """A goal that is constant in the pre-training data (one goal) keeps the declared workspace scale, so another
+    goal later lands inside [-1, 1] instead of hundreds of units away; the data's statistics are still recorded."""
+    goal = np.full((50, 18), 300.0)
+    norm = Normalizer.fit({"goal": goal}, "minmax", ranges={"goal": (0.0, 512.0)})
+    assert torch.allclose(norm.normalize("goal", torch.full((1, 18), 300.0)), torch.full((1, 18), 300 / 256 - 1))
+    other = norm.normalize("goal", torch.full((1, 18), 100.0))
+    assert other.abs().max() <= 1 and torch.allclose(norm.unnormalize("goal", other), torch.full((1, 18), 100.0))
+    assert float(norm.stats("goal")["max"][0]) == 300.0
+    data_fitted = Normalizer.fit({"goal": goal}, "minmax")  # the default rule would only centre it
+    assert float(data_fitted.normalize("goal", torch.full((1, 18), 100.0))[0, 0]) == -200.0
+    with pytest.raises(ValueError, match="minmax"):
+        Normalizer.fit({"goal": goal}, "zscore", ranges={"goal": (0.0, 512.0)})
+    with pytest.raises(ValueError, match="high > low"):
+        Normalizer.fit({"goal": goal}, "minmax", ranges={"goal": (5.0, 5.0)})

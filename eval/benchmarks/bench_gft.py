@@ -2,12 +2,18 @@
 
     python -m fm_policy.eval.benchmarks.bench_gft --pretrained runs/pusht_keypoints_flow_cpu/checkpoints/step_8000/ema \\
         [--goal 190,310,-1.0] [--demos 10,25,50,100] [--seeds 3] [--steps 3000] [--eval-every 500] [--episodes 50] \\
-        [--label 'full run'] [--json docs/results/gft.json] [--md docs/results/gft.md] [--plots docs/results]
+        [--methods 'scratch,ft,gft,ft+ot,gft+ot*3,gft(w0=0.3)*3'] [--label 'full run'] [--json docs/results/gft.json]
+
+Arms (`--methods`): `scratch`, `ft` or `gft`, optionally `+ot` (minibatch optimal-transport coupling,
+`policy.coupling=ot`, for the run: pre-training from scratch or the fine-tuning), optionally a GFT schedule override
+`(w0=X,anneal=Y)`, optionally `*K` for K seeds instead of `--seeds` (a sweep arm may use fewer seeds than the main
+comparison). `ft` is GFT with w0 = 0, so it is the sweep's w0 = 0 point.
 
 The distribution shift (docs/gft.md, "What the CPU benchmark showed"): the pre-trained Push-T policy pushes the T to gym-pusht's
-goal (256, 256, pi/4); the variant moves the goal (default (190, 310, -1.0), which the scripted expert solves 100/100).
-The keypoint observation does not show the goal, so the pre-trained policy cannot succeed on the variant without
-adaptation. Steps:
+goal (256, 256, pi/4); the variant moves the goal (default (190, 310, -1.0), which the scripted expert solves 100/100;
+or, with `--data`, a store such as the half-turned human demos of `fm_policy.datasets.pusht_symmetry`). A policy
+whose inputs include the goal (`goal` observation key) can serve both goals, so its retention is meaningful; a
+keypoint-only policy cannot tell the goals apart. The runs use the pre-trained policy's observation keys. Steps:
 
 1. collect `max(demos)` expert demos of the variant (env seeds data_seed.., reused when the store exists);
 2. for each demo count N (a fixed subset of N episodes, the same for every method and seed) and each seed, train
@@ -22,7 +28,9 @@ adaptation. Steps:
    (success on the ORIGINAL goal) and its average ODE path length (sum of Euler step lengths, 100 steps, normalised
    action chunks, on `--path-obs` observation windows of the variant demos; straightness = length / displacement).
 
-Every evaluation uses the same env seeds (from 100000) and the harness's fixed initial noise, so methods are
+The training-loss curve of every run is read back from its TensorBoard log (`train/loss`): its spread over seeds is
+one of the stability figures, with the steps to reach `--threshold` success. Every evaluation uses the same env seeds
+(from 100000) and the harness's fixed initial noise, so methods are
 compared on identical episodes. Runs are cached (`<run_root>/demos<N>/<method>/seed<k>/bench_result.json`), so an
 interrupted benchmark resumes where it stopped; the results JSON records hardware, commands and CPU/wall time.
 """
@@ -34,6 +42,7 @@ import copy
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -50,6 +59,54 @@ from fm_policy.couplings import ode_path_length
 from fm_policy.versions import hardware_summary
 
 METHODS: tuple[str, ...] = ("scratch", "ft", "gft")
+_ARM = re.compile(r"^(scratch|ft|gft)(\+ot)?(?:\(([^)]*)\))?(?:\*(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared training recipe (module docstring): method, coupling, GFT schedule override, seed count."""
+
+    method: str
+    coupling: str = "independent"
+    w0: float | None = None
+    anneal: float | None = None
+    seeds: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Arm:
+        m = _ARM.match(text.replace(" ", ""))
+        if not m:
+            raise SystemExit(f"bench_gft: arm '{text}' is not METHOD[+ot][(w0=X,anneal=Y)][*SEEDS] with METHOD one of "
+                             f"{list(METHODS)}")
+        method, ot, overrides, seeds = m.groups()
+        values: dict[str, float] = {}
+        for item in filter(None, (overrides or "").split(",")):
+            key, _, value = item.partition("=")
+            if key not in ("w0", "anneal"):
+                raise SystemExit(f"bench_gft: arm '{text}': unknown override '{key}' (w0, anneal)")
+            values[key] = float(value)
+        if values and method != "gft":
+            raise SystemExit(f"bench_gft: arm '{text}': a schedule override applies to gft only")
+        return cls(method, "ot" if ot else "independent", values.get("w0"), values.get("anneal"),
+                   int(seeds) if seeds else None)
+
+    @property
+    def name(self) -> str:
+        """The arm's label in tables and run folders (without the seed count)."""
+        overrides = ",".join(f"{k}={v:g}" for k, v in (("w0", self.w0), ("anneal", self.anneal)) if v is not None)
+        return self.method + ("+ot" if self.coupling == "ot" else "") + (f"({overrides})" if overrides else "")
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace("(", "_").replace(")", "").replace(",", "_")
+
+    def n_seeds(self, default: int) -> int:
+        return self.seeds or default
+
+    def twin(self, **changes: Any) -> str:
+        """The name of this arm with some fields changed (the arm it is compared with)."""
+        fields = {"method": self.method, "coupling": self.coupling, "w0": self.w0, "anneal": self.anneal} | changes
+        return Arm(**fields).name
 DEFAULT_GOAL: tuple[float, float, float] = (190.0, 310.0, -1.0)
 ORIGINAL_GOAL_NAME = "gym-pusht default (256, 256, pi/4)"
 
@@ -77,6 +134,8 @@ class BenchConfig:
     data: str = ""  # the variant store; "" = data/pusht_goal_<x>_<y>_<angle>_n<max demos>.zarr
     data_seed: int = 0
     collect_workers: int = 1
+    curve_episodes: int = 0  # episodes per intermediate checkpoint (0: `episodes`); the final one uses `episodes`
+    threshold: float = 0.3  # success level whose first crossing (steps) is reported per run
     run_root: str = "runs/bench_gft"
     path_obs: int = 256
     path_steps: int = 100
@@ -90,9 +149,11 @@ class BenchConfig:
             problems.append(f"demos must be positive counts, got {self.demos}")
         if self.seeds < 1:
             problems.append(f"seeds must be >= 1, got {self.seeds}")
-        unknown = set(self.methods) - set(METHODS)
-        if unknown or not self.methods:
-            problems.append(f"methods must be a subset of {list(METHODS)}, got {self.methods}")
+        if not self.methods:
+            problems.append("no methods (arms) given")
+        names = [Arm.parse(m).name for m in self.methods]
+        if len(set(names)) != len(names):
+            problems.append(f"arms repeat: {names}")
         if self.steps < 1 or self.eval_every < 1 or self.eval_every > self.steps:
             problems.append(f"need 1 <= eval_every <= steps, got eval_every {self.eval_every}, steps {self.steps}")
         if self.episodes < 1:
@@ -108,6 +169,10 @@ class BenchConfig:
             return self.data
         x, y, a = self.goal
         return f"data/pusht_goal_{x:g}_{y:g}_{a:g}_n{max(self.demos)}.zarr"
+
+    @property
+    def arms(self) -> list[Arm]:
+        return [Arm.parse(m) for m in self.methods]
 
     @property
     def checkpoint_steps(self) -> list[int]:
@@ -137,48 +202,54 @@ def ensure_variant_demos(cfg: BenchConfig) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 1), "skipped_env_seeds": summary["skipped_env_seeds"]}
 
 
-def _data_config(cfg: BenchConfig, n_demos: int):
+def _data_config(cfg: BenchConfig, n_demos: int, obs_keys: Sequence[str]):
     from fm_policy.datasets.policy_data import DataConfig
 
-    # no validation split (few demos); a fixed subset of n_demos episodes (split_seed), the same for all methods
-    return DataConfig(path=cfg.store, obs_keys=["keypoints"], val_ratio=0.0, split_seed=42,
+    # no validation split (few demos); a fixed subset of n_demos episodes (split_seed), the same for all methods; the
+    # pre-trained policy's observation keys (a goal-aware policy keeps seeing the goal)
+    return DataConfig(path=cfg.store, obs_keys=list(obs_keys), val_ratio=0.0, split_seed=42,
                       max_train_episodes=n_demos)
 
 
 # ---------------------------------------------------------------------------------------------------------------- runs
-def train_run(cfg: BenchConfig, method: str, n_demos: int, seed: int, run_dir: Path) -> Path:
-    """Train one (method, N, seed) run with the package's own entry points; returns the run directory."""
+def train_run(cfg: BenchConfig, arm: Arm, n_demos: int, seed: int, run_dir: Path) -> Path:
+    """Train one (arm, N, seed) run with the package's own entry points; returns the run directory."""
+    from fm_policy.factory import load_policy
     from fm_policy.trainer import EMAConfig, LoopConfig, OptimConfig
 
     loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=seed, log_every=max(1, cfg.steps // 10),
                       checkpoint_every=cfg.eval_every, keep_checkpoints=len(cfg.checkpoint_steps) + 1, val_every=0,
                       progress=False, torch_threads=1)
-    data = _data_config(cfg, n_demos)
-    if method == "scratch":
-        from fm_policy.factory import load_policy
+    pretrained_cfg = load_policy(cfg.pretrained).config
+    data = _data_config(cfg, n_demos, list(pretrained_cfg.obs_shapes))
+    if arm.method == "scratch":
         from fm_policy.train import TrainConfig, train
 
-        policy_cfg = copy.deepcopy(load_policy(cfg.pretrained).config)  # same architecture and flow settings
+        policy_cfg = copy.deepcopy(pretrained_cfg)  # same architecture and flow settings
         policy_cfg.obs_shapes, policy_cfg.action_dim = {}, 0
+        policy_cfg.coupling = arm.coupling
         train(TrainConfig(run_dir=str(run_dir), data=data, policy=policy_cfg,
                           optim=OptimConfig(lr=cfg.scratch_lr, warmup_steps=min(200, cfg.steps // 10)),
                           ema=EMAConfig(), loop=loop))
     else:
         from fm_policy.finetune.gft import GFTConfig
-        from fm_policy.finetune.run import FinetuneConfig, finetune
+        from fm_policy.finetune.run import FinetuneConfig, PolicyTrainingSettings, finetune
 
-        gft = GFTConfig(schedule=cfg.gft_schedule, w0=cfg.gft_w0, anneal_fraction=cfg.gft_anneal_fraction)
-        finetune(FinetuneConfig(checkpoint=cfg.pretrained, method=method, run_dir=str(run_dir), gft=gft, data=data,
+        gft = GFTConfig(schedule=cfg.gft_schedule, w0=cfg.gft_w0 if arm.w0 is None else arm.w0,
+                        anneal_fraction=cfg.gft_anneal_fraction if arm.anneal is None else arm.anneal)
+        finetune(FinetuneConfig(checkpoint=cfg.pretrained, method=arm.method, run_dir=str(run_dir), gft=gft, data=data,
+                                policy=PolicyTrainingSettings(coupling=arm.coupling),
                                 optim=OptimConfig(lr=cfg.ft_lr, warmup_steps=min(100, cfg.steps // 20)),
                                 ema=EMAConfig(), loop=loop))
     return run_dir
 
 
-def _evaluate(policy: Any, cfg: BenchConfig, goal: Sequence[float] | None, num_steps: Sequence[int]) -> dict:
+def _evaluate(policy: Any, cfg: BenchConfig, goal: Sequence[float] | None, num_steps: Sequence[int],
+              episodes: int | None = None) -> dict:
     from fm_policy.eval.run import evaluate_policy
 
     kwargs = {} if goal is None else {"goal_pose": tuple(goal)}
-    report = evaluate_policy(policy, "pusht", kwargs, cfg.episodes, list(num_steps), cfg.eval_seed_start,
+    report = evaluate_policy(policy, "pusht", kwargs, episodes or cfg.episodes, list(num_steps), cfg.eval_seed_start,
                              progress=False)
     return {str(s.num_steps): {"success": s.success.value, "score": s.score.value,
                                "success_ci": [s.success.lo, s.success.hi]} for s in report.settings}
@@ -202,7 +273,7 @@ def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: b
     on the original goal and the path length."""
     policy.eval()
     if not final:
-        return {"variant": _evaluate(policy, cfg, cfg.goal, [cfg.deploy_steps])}
+        return {"variant": _evaluate(policy, cfg, cfg.goal, [cfg.deploy_steps], cfg.curve_episodes or cfg.episodes)}
     others = [n for n in cfg.num_steps if deploy_result is None or n != cfg.deploy_steps]
     variant = _evaluate(policy, cfg, cfg.goal, others) if others else {}
     if deploy_result is not None:
@@ -212,29 +283,50 @@ def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: b
             **ode_path_length(policy, obs, cfg.path_steps)}
 
 
-def run_and_assess(cfg: BenchConfig, method: str, n_demos: int, seed: int, obs: dict[str, torch.Tensor]) -> dict:
+def training_losses(run_dir: Path) -> dict[str, list]:
+    """The run's logged training-loss curve (`train/loss` in its TensorBoard log)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/loss" not in events.Tags().get("scalars", []):
+        return {"step": [], "loss": []}
+    points = events.Scalars("train/loss")
+    return {"step": [p.step for p in points], "loss": [float(p.value) for p in points]}
+
+
+def steps_to_threshold(curve: list[dict], threshold: float) -> int | None:
+    """The first evaluated checkpoint whose success reaches `threshold` (None: never)."""
+    return next((c["step"] for c in curve if c["success"] >= threshold), None)
+
+
+def run_and_assess(cfg: BenchConfig, arm: Arm, n_demos: int, seed: int, obs: dict[str, torch.Tensor]) -> dict:
     """Train, then evaluate every checkpoint; cached in the run directory."""
     from fm_policy.factory import load_policy
 
-    run_dir = Path(cfg.run_root) / f"demos{n_demos}" / method / f"seed{seed}"
+    # the three plain arms keep the folder names of earlier versions of this benchmark
+    run_dir = Path(cfg.run_root) / f"demos{n_demos}" / arm.folder / f"seed{seed}"
     cache = run_dir / "bench_result.json"
-    settings = {"config": _run_settings(cfg), "method": method, "demos": n_demos, "seed": seed}
+    settings = {"config": _run_settings(cfg), "method": arm.name, "demos": n_demos, "seed": seed}
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("settings") == settings:
             return cached | {"from_cache": True}
         raise SystemExit(f"bench_gft: {run_dir} holds a run with other settings; use another --run-root")
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    train_run(cfg, method, n_demos, seed, run_dir)
+    train_run(cfg, arm, n_demos, seed, run_dir)
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     curve, final = [], {}
     for step in cfg.checkpoint_steps:
         policy = load_policy(run_dir / "checkpoints" / f"step_{step}" / "ema")
+        if step == cfg.steps:
+            final = assess(policy, cfg, obs, final=True)
+            curve.append({"step": step, **final["variant"][str(cfg.deploy_steps)]})
+            continue
         result = assess(policy, cfg, obs, final=False)
         curve.append({"step": step, **result["variant"][str(cfg.deploy_steps)]})
-        if step == cfg.steps:
-            final = assess(policy, cfg, obs, final=True, deploy_result=result["variant"])
-    record = {"settings": settings, "curve": curve, "final": final, "train_cpu_s": round(train_cpu, 1),
+    record = {"settings": settings, "curve": curve, "final": final, "losses": training_losses(run_dir),
+              "train_cpu_s": round(train_cpu, 1),
               "train_wall_s": round(train_wall, 1), "total_cpu_s": round(time.process_time() - cpu0, 1),
               "total_wall_s": round(time.perf_counter() - wall0, 1)}
     cache.write_text(json.dumps(record, indent=2))
@@ -244,7 +336,7 @@ def run_and_assess(cfg: BenchConfig, method: str, n_demos: int, seed: int, obs: 
 def _run_settings(cfg: BenchConfig) -> dict:
     keep = ("pretrained", "goal", "steps", "eval_every", "episodes", "num_steps", "deploy_steps", "batch_size",
             "ft_lr", "scratch_lr", "gft_schedule", "gft_w0", "gft_anneal_fraction", "data_seed", "path_obs",
-            "path_steps", "eval_seed_start")
+            "path_steps", "eval_seed_start", "curve_episodes")
     return {k: v for k, v in asdict(cfg).items() if k in keep} | {"store": cfg.store}
 
 
@@ -267,7 +359,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
     """Per (demos, method): mean, sample std and count over seeds of every reported metric."""
     out: dict[str, dict[str, dict]] = {}
     for n in cfg.demos:
-        for method in cfg.methods:
+        for method in (arm.name for arm in cfg.arms):
             group = [r for r in runs if r["settings"]["demos"] == n and r["settings"]["method"] == method]
             if not group:
                 continue
@@ -284,7 +376,18 @@ def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
                 metrics.setdefault("path_length", []).append(f["path_length"])
                 metrics.setdefault("straightness", []).append(f["straightness"])
                 metrics.setdefault("train_cpu_s", []).append(r["train_cpu_s"])
+                losses = r.get("losses", {}).get("loss", [])
+                if losses:  # the mean of the last fifth of the logged curve: the level training settled at
+                    metrics.setdefault("final_loss", []).append(float(np.mean(losses[-max(1, len(losses) // 5):])))
             stats = {k: _mean_std(v) for k, v in metrics.items()}
+            reached = [steps_to_threshold(r["curve"], cfg.threshold) for r in group]
+            stats["steps_to_threshold"] = {"reached": sum(s is not None for s in reached), "n": len(reached),
+                                           **({"median": float(np.median([s for s in reached if s is not None]))}
+                                              if any(s is not None for s in reached) else {})}
+            curves = [r["losses"]["loss"] for r in group if r.get("losses", {}).get("loss")]
+            if len(curves) > 1 and len({len(c) for c in curves}) == 1:
+                # spread of the loss curve over seeds: the std across seeds at each logged step, averaged over steps
+                stats["loss_seed_std"] = float(np.mean(np.std(np.asarray(curves), axis=0, ddof=1)))
             steps = cfg.checkpoint_steps
             stats["curve"] = {"step": steps, **{
                 key: [_mean_std([next(c[key] for c in r["curve"] if c["step"] == s) for r in group]) for s in steps]
@@ -315,11 +418,10 @@ def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
     lines = []
     # scores (coverage) next to success: at small budgets success is near 0 everywhere and only scores separate
     checks = [(f"success@{cfg.deploy_steps}", True), (f"score@{cfg.deploy_steps}", True), ("auc", True),
-              ("success@1", True), ("retention", True), ("retention_score", True), ("path_length", False)]
+              ("success@1", True), ("success@2", True), ("retention", True), ("retention_score", True),
+              ("path_length", False)]
     for n, by_method in agg.items():
-        # GFT against both baselines, then plain fine-tuning against scratch (does starting from the pre-trained
-        # policy help at all, with or without the teacher term?)
-        for method, other in (("gft", "ft"), ("gft", "scratch"), ("ft", "scratch")):
+        for method, other in comparison_pairs(cfg):
             if method not in by_method or other not in by_method:
                 continue
             parts = []
@@ -328,6 +430,26 @@ def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
                     parts.append(f"{key} {compare(by_method[method][key], by_method[other][key], higher)}")
             lines.append(f"- {n} demos, {method.upper()} vs {other.upper()}: " + ", ".join(parts))
     return lines
+
+
+def comparison_pairs(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """Which arms are set against which: GFT against FT and scratch and FT against scratch (same coupling; does
+    starting from the pre-trained policy help, with or without the teacher term?), every OT arm against its
+    independent twin, and every schedule variant against the default GFT schedule."""
+    names = {arm.name for arm in cfg.arms}
+    pairs: list[tuple[str, str]] = []
+    for arm in cfg.arms:
+        candidates = []
+        if arm.method == "gft" and arm.w0 is None and arm.anneal is None:
+            candidates += [arm.twin(method="ft"), arm.twin(method="scratch")]
+        if arm.method == "ft":
+            candidates.append(arm.twin(method="scratch"))
+        if arm.method == "gft" and (arm.w0 is not None or arm.anneal is not None):
+            candidates.append(arm.twin(w0=None, anneal=None))
+        if arm.coupling == "ot":
+            candidates.append(arm.twin(coupling="independent"))
+        pairs += [(arm.name, other) for other in candidates if other in names]
+    return pairs
 
 
 def markdown(result: dict) -> str:
@@ -346,11 +468,16 @@ def markdown(result: dict) -> str:
         f"which a fixed subset of N is used. Pre-trained policy: `{cfg.pretrained}` "
         f"(trained on `{result['pretrained_data'] or '?'}`, default goal)."),
         "",
-        (f"Training: {cfg.steps} steps at batch {cfg.batch_size}, EMA, {cfg.seeds} seed(s) per cell; scratch lr "
-        f"{cfg.scratch_lr:g} (the pre-training recipe), ft/gft lr {cfg.ft_lr:g}; GFT {cfg.gft_schedule} schedule "
-        f"w0 {cfg.gft_w0:g} -> 0 at {cfg.gft_anneal_fraction:g} of the steps. Evaluation: {cfg.episodes} episodes "
-        f"(env seeds {cfg.eval_seed_start}..) per checkpoint and setting, the same episodes and initial noise for "
-        f"every model; checkpoints every {cfg.eval_every} steps (EMA weights) at {cfg.deploy_steps} Euler steps."),
+        (f"Training: {cfg.steps} steps at batch {cfg.batch_size}, EMA; seeds per arm: "
+        + ", ".join(f"{a.name} {a.n_seeds(cfg.seeds)}" for a in cfg.arms)
+        + f"; scratch lr {cfg.scratch_lr:g} (the pre-training recipe), ft/gft lr {cfg.ft_lr:g}; GFT {cfg.gft_schedule} "
+        f"schedule w0 {cfg.gft_w0:g} -> 0 at {cfg.gft_anneal_fraction:g} of the steps unless the arm says otherwise "
+        "(`ft` is w0 = 0); `+ot`: minibatch optimal-transport coupling of noise and action chunks for the run. "
+        f"Observation keys: {', '.join(result.get('obs_keys') or ['keypoints'])}. "
+        f"Evaluation: {cfg.episodes} episodes (env seeds {cfg.eval_seed_start}..) for the final checkpoint at every "
+        f"step count and for retention, {cfg.curve_episodes or cfg.episodes} for the intermediate checkpoints (every "
+        f"{cfg.eval_every} steps, EMA weights, {cfg.deploy_steps} Euler steps); the same episodes and initial noise "
+        "for every model."),
         "",
         "## Pre-trained policy before fine-tuning",
         "",
@@ -369,20 +496,30 @@ def markdown(result: dict) -> str:
         ("Success/score: final checkpoint. AUC: trapezoid mean of the success-vs-step curve over the evaluated "
         "checkpoints. Worst: the lowest checkpoint success. Retention: success / score on the original goal at "
         f"{cfg.deploy_steps} steps. Path: average Euler path length over {cfg.path_steps} steps (action units: pixels) "
-        "and straightness (length / displacement, 1 = straight)."),
+        "and straightness (length / displacement, 1 = straight). "
+        f"To {cfg.threshold:g}: the runs whose success reached {cfg.threshold:g} at an evaluated checkpoint, and the "
+        "median step they first did. Loss: the last fifth of the training-loss curve (a GFT loss includes its teacher "
+        "term, so compare it within an arm); loss spread: the std over seeds at each logged step, averaged."),
         "",
-        "| demos | method | " + " | ".join(f"success@{n}" for n in ns) + f" | score@{cfg.deploy_steps} | AUC | worst "
-        "| retention | retention score | path length | straightness | train CPU s |",
-        "| --- | --- | " + " | ".join("---" for _ in ns) + " | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| demos | arm | " + " | ".join(f"success@{n}" for n in ns) + f" | score@{cfg.deploy_steps} | AUC | worst "
+        f"| retention | retention score | path length | straightness | to {cfg.threshold:g} | loss | loss spread "
+        "| train CPU s |",
+        "| --- | --- | " + " | ".join("---" for _ in ns) + " | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for n, by_method in agg.items():
         for method, s in by_method.items():
+            reach = s.get("steps_to_threshold")
+            reach_text = "-" if reach is None else (f"{reach['reached']}/{reach['n']}" + (
+                f" @ {reach['median']:.0f}" if "median" in reach else ""))
+            spread = f"{s['loss_seed_std']:.4f}" if "loss_seed_std" in s else "-"
             lines.append(
                 f"| {n} | {method} | " + " | ".join(_fmt(s[f"success@{k}"]) for k in ns)
                 + f" | {_fmt(s[f'score@{cfg.deploy_steps}'])} | {_fmt(s['auc'])} | {_fmt(s['worst_checkpoint'])} "
-                f"| {_fmt(s['retention'])} | {_fmt(s['retention_score'])} | {_fmt(s['path_length'])} | {_fmt(s['straightness'], 3)} "
+                f"| {_fmt(s['retention'])} | {_fmt(s['retention_score'])} | {_fmt(s['path_length'])} "
+                f"| {_fmt(s['straightness'], 3)} | {reach_text} | {_fmt(s.get('final_loss'), 4)} | {spread} "
                 f"| {s['train_cpu_s']['mean']:.0f} |")
-    lines += ["", "## GFT against the baselines, and FT against scratch", "",
+    lines += ["", "## Comparisons", "",
               ("Per cell: a difference of means beyond 2 standard errors over seeds is a win/loss, else a tie "
               "(path length: shorter wins)."), "", *verdicts(cfg, agg), ""]
     for name, title in (("plot_demos", "Success vs number of demos"), ("plot_steps", "Success vs training steps")):
@@ -417,9 +554,10 @@ def plot(cfg: BenchConfig, agg: dict, out_dir: str) -> tuple[str | None, str | N
 
     os.makedirs(out_dir, exist_ok=True)
     key = f"success@{cfg.deploy_steps}"
-    colors = {"scratch": "tab:gray", "ft": "tab:blue", "gft": "tab:orange"}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {arm.name: cycle[i % len(cycle)] for i, arm in enumerate(cfg.arms)}
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in cfg.methods:
+    for method in colors:
         xs = [int(n) for n in agg if method in agg[n]]
         if not xs:
             continue
@@ -462,9 +600,9 @@ def plot(cfg: BenchConfig, agg: dict, out_dir: str) -> tuple[str | None, str | N
 
 # ---------------------------------------------------------------------------------------------------------------- main
 def _pretrained_data(checkpoint: str) -> str | None:
-    from fm_policy.finetune.contraction import _pretraining_run_config
+    from fm_policy.trainer import read_run_config
 
-    run = _pretraining_run_config(Path(checkpoint))
+    run = read_run_config(Path(checkpoint))
     return (run or {}).get("data", {}).get("path")
 
 
@@ -490,11 +628,13 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
         cache.write_text(json.dumps({"settings": settings, "result": pre, "cpu_s": pre_cpu}, indent=2))
     runs = []
     for n in cfg.demos:
-        for seed in range(cfg.seeds):
-            for method in cfg.methods:
-                record = run_and_assess(cfg, method, n, seed, obs)
+        for seed in range(max(arm.n_seeds(cfg.seeds) for arm in cfg.arms)):
+            for arm in cfg.arms:
+                if seed >= arm.n_seeds(cfg.seeds):
+                    continue
+                record = run_and_assess(cfg, arm, n, seed, obs)
                 runs.append(record)
-                print(f"demos {n} seed {seed} {method}: success@{cfg.deploy_steps} "
+                print(f"demos {n} seed {seed} {arm.name}: success@{cfg.deploy_steps} "
                       f"{record['final']['variant'][str(cfg.deploy_steps)]['success']:.2f}, AUC "
                       f"{auc(record['curve']):.2f}, retention "
                       f"{record['final']['original'][str(cfg.deploy_steps)]['success']:.2f} "
@@ -503,6 +643,7 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
     return {
         "label": label, "command": command, "config": asdict(cfg), "data": data,
         "pretrained_data": _pretrained_data(cfg.pretrained), "pretrained": pre, "runs": runs, "aggregate": agg,
+        "obs_keys": list(pretrained.obs_shapes),
         "hardware": f"{hardware_summary()}, 1 torch thread, torch {torch.__version__}",
         "timing": {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "load_start": load0,
                    "load_end": os.getloadavg()[0], "runs_cpu_s": round(sum(r["total_cpu_s"] for r in runs), 1),
@@ -510,6 +651,20 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
                    "runs_from_cache": sum(bool(r.get("from_cache")) for r in runs), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": list(notes),
     }
+
+
+def _split_arms(text: str) -> list[str]:
+    """Split on commas outside parentheses: 'ft,gft(w0=0.3,anneal=1)' -> ['ft', 'gft(w0=0.3,anneal=1)']."""
+    arms, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            arms.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    arms.append(current.strip())
+    return [a for a in arms if a]
 
 
 def _ints(text: str) -> list[int]:
@@ -524,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal", default=",".join(f"{v:g}" for v in d.goal), help="variant goal X,Y,ANGLE")
     p.add_argument("--demos", type=_ints, default=d.demos, help="demo counts, e.g. 10,25,50,100")
     p.add_argument("--seeds", type=int, default=d.seeds, help="training seeds per (demos, method) cell")
-    p.add_argument("--methods", default=",".join(d.methods), help="subset of scratch,ft,gft")
+    p.add_argument("--methods", default=",".join(d.methods),
+                   help="arms, comma-separated: METHOD[+ot][(w0=X,anneal=Y)][*SEEDS], METHOD one of scratch, ft, gft")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="checkpoint / evaluation interval")
     p.add_argument("--episodes", type=int, default=d.episodes, help="episodes per evaluation")
@@ -538,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gft-anneal-fraction", type=float, default=d.gft_anneal_fraction)
     p.add_argument("--data", default=d.data, help="variant store (default: data/pusht_goal_..._n<max demos>.zarr)")
     p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--curve-episodes", type=int, default=d.curve_episodes,
+                   help="episodes for the intermediate checkpoints (default: --episodes)")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="success level for 'steps to reach'")
     p.add_argument("--collect-workers", type=int, default=d.collect_workers)
     p.add_argument("--run-root", default=d.run_root, help="where runs are trained and cached")
     p.add_argument("--path-obs", type=int, default=d.path_obs)
@@ -554,12 +713,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = BenchConfig(
         pretrained=args.pretrained, goal=[float(v) for v in args.goal.split(",")], demos=args.demos,
-        seeds=args.seeds, methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps,
+        seeds=args.seeds, methods=_split_arms(args.methods), steps=args.steps,
         eval_every=args.eval_every, episodes=args.episodes, num_steps=args.num_steps, deploy_steps=args.deploy_steps,
         batch_size=args.batch_size, ft_lr=args.ft_lr, scratch_lr=args.scratch_lr, gft_schedule=args.gft_schedule,
         gft_w0=args.gft_w0, gft_anneal_fraction=args.gft_anneal_fraction, data=args.data, data_seed=args.data_seed,
         collect_workers=args.collect_workers, run_root=args.run_root, path_obs=args.path_obs,
-        path_steps=args.path_steps,
+        path_steps=args.path_steps, curve_episodes=args.curve_episodes, threshold=args.threshold,
     )
     command = "python -m fm_policy.eval.benchmarks.bench_gft " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,141 @@
+"""Push-T demonstrations for another goal, made from existing ones by the arena's half-turn symmetry.
+
+Why: adapting a policy to a new goal (docs/gft.md) needs demonstrations of that goal as good as the pre-training ones,
+and only diffusion_policy's human demos are that good. Push-T has no gravity and a square arena, so turning a whole
+episode by 180 degrees about the arena centre (x, y) -> (512 - x, 512 - y), block angle + pi, gives an episode that
+the same physics would produce from the turned start: the agent's path, every contact and the block's motion turn
+with it. The goal (256, 256, pi/4) turns into (256, 256, pi/4 + pi): the same place, the T upside down, which a
+policy trained on the usual goal does not solve. gym-pusht's walls are centred on 255.5, not 256, so the turned
+arena is 1 pixel off its walls; no demo comes that close to a wall.
+
+A half-turn is a rotation (not a mirror), so the block keypoints keep their order: keypoint i of the turned block
+is the turned keypoint i. Every stored field turns: `state` (agent x, y, block x, y, angle), `keypoint`, `action`,
+`img` (the 96x96 render, turned by array flips) and `goal`; other fields (`n_contacts`) are copied.
+
+    python -m fm_policy.datasets.pusht_symmetry data/pusht_cchi_v7_replay.zarr.zip data/pusht_cchi_v7_turned.zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fm_policy.datasets.errors import DatasetError
+from fm_policy.datasets.replay_buffer import ReplayBuffer
+
+__all__ = ["ARENA_CENTRE", "turn_goal_pose", "turn_pusht_episode", "turn_pusht_store"]
+
+ARENA_CENTRE = 256.0
+"""The centre of the half-turn (px): gym-pusht's default goal position, so the goal stays in place."""
+
+_POSITION_KEYS = ("action",)
+
+
+def turn_goal_pose(goal_pose: Sequence[float]) -> list[float]:
+    """(x, y, angle) of a goal after the half-turn; the angle is wrapped to (-pi, pi]."""
+    x, y, angle = (float(v) for v in goal_pose)
+    turned = math.remainder(angle + math.pi, 2 * math.pi)
+    return [2 * ARENA_CENTRE - x, 2 * ARENA_CENTRE - y, turned]
+
+
+def _turn_points(values: np.ndarray, key: str) -> np.ndarray:
+    """p -> 2c - p for arrays whose last axis is (x, y) or a flat run of (x, y) pairs."""
+    if values.shape[-1] % 2:
+        raise DatasetError(key, f"expected (x, y) pairs in the last axis, got shape {values.shape}")
+    return (2 * ARENA_CENTRE - values.astype(np.float64)).astype(values.dtype)
+
+
+def turn_pusht_episode(episode: Mapping[str, np.ndarray], goal_pose: Sequence[float]) -> dict[str, np.ndarray]:
+    """One episode's stored fields after the half-turn (see the module docstring); `goal_pose` is the episode's
+    original goal, used to write the turned `goal` observation."""
+    from fm_policy.envs.pusht import goal_keypoint_obs
+
+    out: dict[str, np.ndarray] = {}
+    for key, values in episode.items():
+        values = np.asarray(values)
+        if key == "state":
+            if values.shape[-1] != 5:
+                raise DatasetError(key, f"Push-T state must be (agent x, y, block x, y, angle), got shape {values.shape}")
+            turned = values.astype(np.float64).copy()
+            turned[..., :4] = 2 * ARENA_CENTRE - turned[..., :4]
+            turned[..., 4] = np.remainder(turned[..., 4] + np.pi, 2 * np.pi)  # gym-pusht keeps angles in [0, 2 pi)
+            out[key] = turned.astype(values.dtype)
+        elif key in ("keypoint", *_POSITION_KEYS):
+            out[key] = _turn_points(values, key)
+        elif key in ("img", "image"):
+            if values.ndim != 4:
+                raise DatasetError(key, f"expected images (T, H, W, C), got shape {values.shape}")
+            out[key] = np.ascontiguousarray(values[:, ::-1, ::-1])  # a half-turn of the picture
+        elif key == "goal":
+            continue  # rewritten below from the turned goal pose
+        else:
+            out[key] = values
+    length = len(next(iter(episode.values())))
+    goal = goal_keypoint_obs(np.asarray(turn_goal_pose(goal_pose), dtype=np.float64)).astype(np.float32)
+    out["goal"] = np.repeat(goal[None], length, axis=0)
+    return out
+
+
+def _source_goal(attrs: Mapping[str, Any]) -> list[float]:
+    from fm_policy.envs.pusht import DEFAULT_GOAL_POSE
+
+    source = attrs.get("source") if isinstance(attrs.get("source"), Mapping) else {}
+    if source.get("env") not in (None, "pusht"):
+        raise DatasetError("attrs", f"not a Push-T store (env '{source.get('env')}')")
+    poses = source.get("goal_poses") or []
+    if len(poses) > 1:
+        raise DatasetError("attrs", f"the store was collected with {len(poses)} goals; turn a single-goal store")
+    return [float(v) for v in (source.get("goal_pose") or (poses[0] if poses else None) or DEFAULT_GOAL_POSE)]
+
+
+def turn_pusht_store(src: str, dst: str, episodes: Sequence[int] | None = None, overwrite: bool = False,
+                     zarr_format: int = 2) -> dict[str, Any]:
+    """Write the half-turned copy of Push-T store `src` (all episodes, or the listed ones) to `dst`; returns a
+    summary. The new store records its goal (`source.goal_pose`) and where it came from (`source.turned_from`)."""
+    with ReplayBuffer.open(src) as buffer:
+        attrs = buffer.attrs
+        goal = _source_goal(attrs)
+        missing = [k for k in ("state", "action") if k not in buffer.keys]
+        if missing:
+            raise DatasetError(src, f"a Push-T store needs {missing} to be turned (has {buffer.keys})")
+        chosen = list(range(buffer.n_episodes)) if episodes is None else [int(i) for i in episodes]
+        bad = [i for i in chosen if not 0 <= i < buffer.n_episodes]
+        if bad:
+            raise DatasetError(src, f"episodes {bad} do not exist (the store has {buffer.n_episodes})")
+        turned_goal = turn_goal_pose(goal)
+        source = dict(attrs.get("source") or {}) if isinstance(attrs.get("source"), Mapping) else {}
+        source.update({"env": "pusht", "goal_pose": turned_goal, "goal_poses": [turned_goal],
+                       "turned_from": {"store": str(src), "goal_pose": goal, "episodes": chosen,
+                                       "transform": f"half-turn about ({ARENA_CENTRE:g}, {ARENA_CENTRE:g})"}})
+        out = ReplayBuffer.create(dst, zarr_format=zarr_format, attrs={"source": source}, overwrite=overwrite)
+        steps = 0
+        for i in chosen:
+            episode = turn_pusht_episode(buffer.get_episode(i), goal)
+            out.add_episode(episode, episode_meta={"source_episode": np.int64(i)})
+            steps += len(episode["action"])
+        out.close()
+    return {"store": dst, "episodes": len(chosen), "steps": steps, "goal_pose": turned_goal, "source_goal": goal}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fm_policy.datasets.pusht_symmetry",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a Push-T replay buffer (zarr directory or .zarr.zip)")
+    p.add_argument("dst", help="the turned store to write (a directory)")
+    p.add_argument("--episodes", default=None, help="comma-separated episode indices (default: all)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    episodes = None if args.episodes is None else [int(v) for v in args.episodes.split(",") if v.strip()]
+    summary = turn_pusht_store(args.src, args.dst, episodes, overwrite=args.overwrite)
+    print(f"{summary['store']}: {summary['episodes']} episodes, {summary['steps']} steps, goal {summary['goal_pose']} "
+          f"(turned from {summary['source_goal']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
