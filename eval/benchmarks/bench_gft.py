@@ -606,7 +606,11 @@ def _pretrained_data(checkpoint: str) -> str | None:
     return (run or {}).get("data", {}).get("path")
 
 
-def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: Sequence[str] = ()) -> dict:
+def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: Sequence[str] = (),
+                  only_seeds: Sequence[int] | None = None) -> dict:
+    """Run (or read back from the cache) every (demos, arm, seed) run; `only_seeds` restricts this invocation to
+    some seeds, so two processes can share the work on one run root (the report then covers only what this one
+    ran; a last invocation without it collects everything from the cache)."""
     from fm_policy.factory import load_policy
 
     cfg.validate()
@@ -630,7 +634,7 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
     for n in cfg.demos:
         for seed in range(max(arm.n_seeds(cfg.seeds) for arm in cfg.arms)):
             for arm in cfg.arms:
-                if seed >= arm.n_seeds(cfg.seeds):
+                if seed >= arm.n_seeds(cfg.seeds) or (only_seeds is not None and seed not in only_seeds):
                     continue
                 record = run_and_assess(cfg, arm, n, seed, obs)
                 runs.append(record)
@@ -701,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-root", default=d.run_root, help="where runs are trained and cached")
     p.add_argument("--path-obs", type=int, default=d.path_obs)
     p.add_argument("--path-steps", type=int, default=d.path_steps)
+    p.add_argument("--only-seeds", type=_ints, default=None,
+                   help="train only these seeds in this process (share a run root between processes)")
     p.add_argument("--label", default="", help="a banner for the report, e.g. 'reduced CPU smoke run'")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     p.add_argument("--json", default="docs/results/gft.json")
@@ -722,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     command = "python -m fm_policy.eval.benchmarks.bench_gft " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))
-    result = run_benchmark(cfg, label=args.label, command=command, notes=args.note)
+    result = run_benchmark(cfg, label=args.label, command=command, notes=args.note, only_seeds=args.only_seeds)
     result["plot_demos"], result["plot_steps"] = plot(cfg, result["aggregate"], args.plots)
     text = markdown(result)
     write_results(result, args.json, args.md, text)
