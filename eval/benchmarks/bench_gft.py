@@ -189,11 +189,15 @@ def ensure_variant_demos(cfg: BenchConfig) -> dict[str, Any]:
     if os.path.exists(path):
         with ReplayBuffer.open(path) as buffer:
             goal = buffer.attrs.get("source", {}).get("goal_pose")
+            turned_from = buffer.attrs.get("source", {}).get("turned_from")
             n = buffer.n_episodes
         if goal is None or not np.allclose(goal, cfg.goal) or n < need:
             raise SystemExit(f"bench_gft: {path} holds {n} episodes with goal {goal}; need {need} with goal "
                              f"{cfg.goal} (delete it or pass --data)")
-        return {"store": path, "episodes": n, "collected_now": False, "seconds": 0.0}
+        found = {"store": path, "episodes": n, "collected_now": False, "seconds": 0.0}
+        if turned_from:  # demos made by fm_policy.datasets.pusht_symmetry: say where from
+            found["turned_from"] = {"store": turned_from.get("store"), "transform": turned_from.get("transform")}
+        return found
     start = time.perf_counter()
     summary = collect(CollectConfig(env="pusht", episodes=need, out=path, workers=cfg.collect_workers,
                                     obs=("state", "keypoints"), seed=cfg.data_seed,
@@ -397,7 +401,10 @@ def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 def compare(a: dict[str, float], b: dict[str, float], higher_is_better: bool = True) -> str:
-    """win / tie / loss of a against b: a difference of means beyond 2 standard errors (over seeds) counts."""
+    """win / tie / loss of a against b: a difference of means beyond 2 standard errors (over seeds) counts; with a
+    single seed on either side there is no standard error, so no verdict ("1 seed")."""
+    if min(a["n"], b["n"]) < 2:
+        return "1 seed"
     diff = a["mean"] - b["mean"]
     se = math.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1))
     if not higher_is_better:
@@ -423,6 +430,10 @@ def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
     for n, by_method in agg.items():
         for method, other in comparison_pairs(cfg):
             if method not in by_method or other not in by_method:
+                continue
+            seeds = min(by_method[method]["auc"]["n"], by_method[other]["auc"]["n"])
+            if seeds < 2:
+                lines.append(f"- {n} demos, {method.upper()} vs {other.upper()}: no verdict (one seed)")
                 continue
             parts = []
             for key, higher in checks:
@@ -459,13 +470,16 @@ def markdown(result: dict) -> str:
     lines = [f"# Gradual fine-tuning (GFT) on a Push-T goal variant{': ' + result['label'] if result['label'] else ''}",
              ""]
     if result["label"]:
-        lines += [(f"> **{result['label']}.** The numbers below come from this configuration only; see the command. "
-                  "They are not the full benchmark (demos 10/25/50/100, >= 3 seeds, thousands of steps, 50+ episodes "
-                  "per evaluation)."), ""]
+        lines += [(f"> **{result['label']}.** The numbers below come from this configuration only; see the command "
+                  "and the notes."), ""]
     lines += [
-        (f"Variant: Push-T with the T's goal at {tuple(cfg.goal)} instead of {ORIGINAL_GOAL_NAME}; "
-        f"{result['data']['episodes']} expert demos in `{result['data']['store']}` (env seeds {cfg.data_seed}..), of "
-        f"which a fixed subset of N is used. Pre-trained policy: `{cfg.pretrained}` "
+        (f"Variant: Push-T with the T's goal at {tuple(round(g, 4) for g in cfg.goal)} instead of "
+        f"{ORIGINAL_GOAL_NAME}; {result['data']['episodes']} "
+        + (f"demos in `{result['data']['store']}`: the episodes of `{result['data']['turned_from']['store']}` turned "
+           f"by {result['data']['turned_from']['transform']} (`fm_policy.datasets.pusht_symmetry`)"
+           if result["data"].get("turned_from") else
+           f"expert demos in `{result['data']['store']}` (env seeds {cfg.data_seed}..)")
+        + f", of which a fixed subset of N is used. Pre-trained policy: `{cfg.pretrained}` "
         f"(trained on `{result['pretrained_data'] or '?'}`, default goal)."),
         "",
         (f"Training: {cfg.steps} steps at batch {cfg.batch_size}, EMA; seeds per arm: "
@@ -521,7 +535,7 @@ def markdown(result: dict) -> str:
                 f"| {s['train_cpu_s']['mean']:.0f} |")
     lines += ["", "## Comparisons", "",
               ("Per cell: a difference of means beyond 2 standard errors over seeds is a win/loss, else a tie "
-              "(path length: shorter wins)."), "", *verdicts(cfg, agg), ""]
+              "(path length: shorter wins); an arm with one seed gets no verdict."), "", *verdicts(cfg, agg), ""]
     for name, title in (("plot_demos", "Success vs number of demos"), ("plot_steps", "Success vs training steps")):
         if result.get(name):
             lines += [f"## {title}", "", f"![{title}]({os.path.basename(result[name])})", ""]
@@ -556,6 +570,14 @@ def plot(cfg: BenchConfig, agg: dict, out_dir: str) -> tuple[str | None, str | N
     key = f"success@{cfg.deploy_steps}"
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {arm.name: cycle[i % len(cycle)] for i, arm in enumerate(cfg.arms)}
+    demos_path = None
+    if len(agg) > 1:  # one demo count: no curve over demos to draw
+        demos_path = _plot_demos(cfg, agg, colors, key, out_dir, plt)
+    return demos_path, _plot_steps(cfg, agg, colors, out_dir, plt)
+
+
+def _plot_demos(cfg: BenchConfig, agg: dict, colors: dict, key: str, out_dir: str, plt: Any) -> str:
+    """Final success against the number of variant demos, one line per arm."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in colors:
         xs = [int(n) for n in agg if method in agg[n]]
@@ -576,26 +598,39 @@ def plot(cfg: BenchConfig, agg: dict, out_dir: str) -> tuple[str | None, str | N
     demos_path = os.path.join(out_dir, "gft_success_vs_demos.png")
     fig.savefig(demos_path, dpi=120)
     plt.close(fig)
+    return demos_path
 
-    fig, axes = plt.subplots(1, len(agg), figsize=(4 * len(agg), 3.3), sharey=True, squeeze=False)
-    for ax, (n, by_method) in zip(axes[0], agg.items()):
-        for method, s in by_method.items():
-            steps = s["curve"]["step"]
-            m = np.array([p["mean"] for p in s["curve"]["success"]])
-            sd = np.array([p["std"] for p in s["curve"]["success"]])
-            ax.plot(steps, m, marker="o", label=method, color=colors[method])
-            ax.fill_between(steps, m - sd, m + sd, alpha=0.2, color=colors[method])
-        ax.set_title(f"{n} demos")
-        ax.set_xlabel("training step")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
+
+def _plot_steps(cfg: BenchConfig, agg: dict, colors: dict, out_dir: str, plt: Any) -> str:
+    """Success (top) and score (bottom) against the training step, one column per demo count, mean +- std over
+    seeds; the success axis follows the data, so a curve that stays below 0.2 is still readable."""
+    fig, axes = plt.subplots(2, len(agg), figsize=(4.5 * len(agg), 6), sharex=True, squeeze=False)
+    top = 0.0
+    for col, (n, by_method) in enumerate(agg.items()):
+        for row, key in enumerate(("success", "score")):
+            ax = axes[row][col]
+            for method, s in by_method.items():
+                steps = s["curve"]["step"]
+                m = np.array([p["mean"] for p in s["curve"][key]])
+                sd = np.array([p["std"] for p in s["curve"][key]])
+                ax.plot(steps, m, marker="o", label=method, color=colors[method])
+                ax.fill_between(steps, m - sd, m + sd, alpha=0.15, color=colors[method])
+                if key == "success":
+                    top = max(top, float((m + sd).max()))
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(f"{n} demos")
+        axes[1][col].set_xlabel("training step")
+    for col in range(len(agg)):
+        axes[0][col].set_ylim(-0.02, min(1.02, max(0.25, top + 0.05)))
+        axes[1][col].set_ylim(0.0, 1.0)
     axes[0][0].set_ylabel(f"success ({cfg.deploy_steps} Euler steps)")
-    axes[0][-1].legend()
+    axes[1][0].set_ylabel(f"score ({cfg.deploy_steps} Euler steps)")
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     steps_path = os.path.join(out_dir, "gft_success_vs_steps.png")
     fig.savefig(steps_path, dpi=120)
     plt.close(fig)
-    return demos_path, steps_path
+    return steps_path
 
 
 # ---------------------------------------------------------------------------------------------------------------- main
@@ -607,10 +642,11 @@ def _pretrained_data(checkpoint: str) -> str | None:
 
 
 def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: Sequence[str] = (),
-                  only_seeds: Sequence[int] | None = None) -> dict:
+                  only_seeds: Sequence[int] | None = None, cached_only: bool = False) -> dict:
     """Run (or read back from the cache) every (demos, arm, seed) run; `only_seeds` restricts this invocation to
     some seeds, so two processes can share the work on one run root (the report then covers only what this one
-    ran; a last invocation without it collects everything from the cache)."""
+    ran; a last invocation without it collects everything from the cache). `cached_only` trains nothing: it reports
+    the runs already finished (a preview while others still train)."""
     from fm_policy.factory import load_policy
 
     cfg.validate()
@@ -635,6 +671,9 @@ def run_benchmark(cfg: BenchConfig, label: str = "", command: str = "", notes: S
         for seed in range(max(arm.n_seeds(cfg.seeds) for arm in cfg.arms)):
             for arm in cfg.arms:
                 if seed >= arm.n_seeds(cfg.seeds) or (only_seeds is not None and seed not in only_seeds):
+                    continue
+                if cached_only and not (Path(cfg.run_root) / f"demos{n}" / arm.folder / f"seed{seed}"
+                                        / "bench_result.json").exists():
                     continue
                 record = run_and_assess(cfg, arm, n, seed, obs)
                 runs.append(record)
@@ -707,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-steps", type=int, default=d.path_steps)
     p.add_argument("--only-seeds", type=_ints, default=None,
                    help="train only these seeds in this process (share a run root between processes)")
+    p.add_argument("--cached-only", action="store_true", help="train nothing; report the finished runs")
     p.add_argument("--label", default="", help="a banner for the report, e.g. 'reduced CPU smoke run'")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     p.add_argument("--json", default="docs/results/gft.json")
@@ -728,7 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     command = "python -m fm_policy.eval.benchmarks.bench_gft " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))
-    result = run_benchmark(cfg, label=args.label, command=command, notes=args.note, only_seeds=args.only_seeds)
+    result = run_benchmark(cfg, label=args.label, command=command, notes=args.note, only_seeds=args.only_seeds,
+                           cached_only=args.cached_only)
     result["plot_demos"], result["plot_steps"] = plot(cfg, result["aggregate"], args.plots)
     text = markdown(result)
     write_results(result, args.json, args.md, text)

@@ -46,6 +46,7 @@ BENCH_PAGES: dict[str, tuple[str, str]] = {
     "deploy": ("bench_deploy", "to_markdown"),
     "deploy_load": ("bench_serve_load", "markdown"),
     "gft": ("bench_gft", "markdown"),
+    "gft_moved_goal": ("bench_gft", "markdown"),  # the earlier keypoint-only run (scripted demos of a moved goal)
     "kitchen_expert": ("bench_kitchen_expert", "to_markdown"),
     "networks": ("bench_networks", "to_markdown"),
     "policy_speed": ("bench_policy", "to_markdown"),
