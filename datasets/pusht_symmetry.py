@@ -34,7 +34,8 @@ __all__ = ["ARENA_CENTRE", "turn_goal_pose", "turn_pusht_episode", "turn_pusht_s
 ARENA_CENTRE = 256.0
 """The centre of the turns (px): gym-pusht's default goal position, so the goal stays in place."""
 
-_POSITION_KEYS = ("action",)
+_POINT_KEYS = ("keypoint", "action")
+"""Stored fields that are (x, y) points (or flat runs of them) and turn as points."""
 
 
 def _check_turns(quarter_turns: int) -> int:
@@ -84,7 +85,7 @@ def turn_pusht_episode(episode: Mapping[str, np.ndarray], goal_pose: Sequence[fl
             turned[..., :4] = _turn_points(turned[..., :4], key, k)
             turned[..., 4] = np.remainder(turned[..., 4] + k * np.pi / 2, 2 * np.pi)  # gym-pusht keeps [0, 2 pi)
             out[key] = turned.astype(values.dtype)
-        elif key in ("keypoint", *_POSITION_KEYS):
+        elif key in _POINT_KEYS:
             out[key] = _turn_points(values, key, k)
         elif key in ("img", "image"):
             if values.ndim != 4:

@@ -271,19 +271,15 @@ def _path_obs(cfg: BenchConfig, policy: Any) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in policy.obs_shapes}
 
 
-def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: bool,
-           deploy_result: dict | None = None) -> dict:
-    """Variant success/score at the deployment step count; for a final model also the other step counts, retention
-    on the original goal and the path length."""
+def assess(policy: Any, cfg: BenchConfig, obs: dict[str, torch.Tensor], final: bool) -> dict:
+    """Variant success/score at the deployment step count (`curve_episodes`); for a final model every step count
+    (`episodes`), retention on the original goal and the path length."""
     policy.eval()
     if not final:
         return {"variant": _evaluate(policy, cfg, cfg.goal, [cfg.deploy_steps], cfg.curve_episodes or cfg.episodes)}
-    others = [n for n in cfg.num_steps if deploy_result is None or n != cfg.deploy_steps]
-    variant = _evaluate(policy, cfg, cfg.goal, others) if others else {}
-    if deploy_result is not None:
-        variant.update(deploy_result)
-    variant = {str(n): variant[str(n)] for n in cfg.num_steps}
-    return {"variant": variant, "original": _evaluate(policy, cfg, None, [cfg.deploy_steps]),
+    variant = _evaluate(policy, cfg, cfg.goal, cfg.num_steps)
+    return {"variant": {str(n): variant[str(n)] for n in cfg.num_steps},
+            "original": _evaluate(policy, cfg, None, [cfg.deploy_steps]),
             **ode_path_length(policy, obs, cfg.path_steps)}
 
 
