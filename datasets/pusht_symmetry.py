@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +30,8 @@ import numpy as np
 
 from fm_policy.datasets.errors import DatasetError
 from fm_policy.datasets.replay_buffer import ReplayBuffer
+from fm_policy.envs.pusht_spec import store_goal_pose
+from fm_policy.errors import UserError
 
 __all__ = ["ARENA_CENTRE", "turn_goal_pose", "turn_pusht_episode", "turn_pusht_store"]
 
@@ -102,26 +106,21 @@ def turn_pusht_episode(episode: Mapping[str, np.ndarray], goal_pose: Sequence[fl
     return out
 
 
-def _source_goal(attrs: Mapping[str, Any]) -> list[float]:
-    from fm_policy.envs.pusht import DEFAULT_GOAL_POSE
-
-    source = attrs.get("source") if isinstance(attrs.get("source"), Mapping) else {}
-    if source.get("env") not in (None, "pusht"):
-        raise DatasetError("attrs", f"not a Push-T store (env '{source.get('env')}')")
-    poses = source.get("goal_poses") or []
-    if len(poses) > 1:
-        raise DatasetError("attrs", f"the store was collected with {len(poses)} goals; turn a single-goal store")
-    return [float(v) for v in (source.get("goal_pose") or (poses[0] if poses else None) or DEFAULT_GOAL_POSE)]
-
-
 def turn_pusht_store(src: str, dst: str, episodes: Sequence[int] | None = None, overwrite: bool = False,
                      zarr_format: int = 2, quarter_turns: int = 2) -> dict[str, Any]:
     """Write the turned copy of Push-T store `src` (all episodes, or the listed ones) to `dst`; returns a summary.
-    The new store records its goal (`source.goal_pose`) and where it came from (`source.turned_from`)."""
+    The new store records its goal (`source.goal_pose`) and where it came from (`source.turned_from`). It is written
+    to `<dst>.partial` and renamed when complete, so an interrupted run never leaves a short store under `dst`."""
     k = _check_turns(quarter_turns)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    partial = str(dst) + ".partial"
     with ReplayBuffer.open(src) as buffer:
         attrs = buffer.attrs
-        goal = _source_goal(attrs)
+        try:
+            goal = store_goal_pose(attrs)
+        except UserError as exc:
+            raise DatasetError(src, f"cannot be turned: {exc}") from None
         missing = [k for k in ("state", "action") if k not in buffer.keys]
         if missing:
             raise DatasetError(src, f"a Push-T store needs {missing} to be turned (has {buffer.keys})")
@@ -135,13 +134,16 @@ def turn_pusht_store(src: str, dst: str, episodes: Sequence[int] | None = None, 
                        "turned_from": {"store": str(src), "goal_pose": goal, "episodes": chosen,
                                        "transform": f"{k} quarter turn(s) counter-clockwise about "
                                                     f"({ARENA_CENTRE:g}, {ARENA_CENTRE:g})"}})
-        out = ReplayBuffer.create(dst, zarr_format=zarr_format, attrs={"source": source}, overwrite=overwrite)
+        out = ReplayBuffer.create(partial, zarr_format=zarr_format, attrs={"source": source}, overwrite=True)
         steps = 0
         for i in chosen:
             episode = turn_pusht_episode(buffer.get_episode(i), goal, k)
             out.add_episode(episode, episode_meta={"source_episode": np.int64(i)})
             steps += len(episode["action"])
         out.close()
+    if os.path.exists(dst):
+        shutil.rmtree(dst) if os.path.isdir(dst) else os.remove(dst)
+    os.replace(partial, dst)
     return {"store": dst, "episodes": len(chosen), "steps": steps, "goal_pose": turned_goal, "source_goal": goal}
 
 

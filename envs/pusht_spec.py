@@ -51,28 +51,39 @@ def _agent_pos(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(arrays["state"][..., :2], dtype=np.float32)
 
 
-def _goal(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> np.ndarray:
-    """The `goal` observation for a store that does not hold one: the store's one goal, for every step.
-
-    The goal is the one the collector recorded (`source.goal_pose`), else gym-pusht's default (256, 256, pi/4): the
-    goal of diffusion_policy's human demos, whose store has no attributes. A store that records several goals, or
-    another env, has no single goal to fill in, so it is refused rather than given a wrong one.
-    """
-    import numpy as np
-
+def store_goal_pose(attrs: Mapping[str, Any]) -> list[float]:
+    """The one goal (x, y, angle) a Push-T store's demos share: the one the collector recorded (`source.goal_pose`),
+    else gym-pusht's default (256, 256, pi/4), the goal of diffusion_policy's human demos, whose store has no
+    attributes. A store that records several goals, or another env, has no single goal, so it is refused (UserError)
+    rather than given a wrong one."""
     from fm_policy.errors import UserError
 
-    from .pusht import DEFAULT_GOAL_POSE, goal_keypoint_obs
+    from .pusht import DEFAULT_GOAL_POSE
 
     source = attrs.get("source") if isinstance(attrs.get("source"), Mapping) else {}
     env = source.get("env")
     if env not in (None, "pusht"):
-        raise UserError(f"no `goal` key stored, and the Push-T goal recipe does not apply to a store of env '{env}'")
+        raise UserError(f"the store is not a Push-T store (env '{env}'), so it has no Push-T goal")
     poses = source.get("goal_poses")
     if poses is not None and len(poses) > 1:
-        raise UserError(f"no `goal` key stored, but the store was collected with {len(poses)} goals (goal_poses), so "
-                        "the goal of each step is unknown; recollect it (collected stores now hold `goal`)")
-    goal = source.get("goal_pose") or (poses[0] if poses else None) or DEFAULT_GOAL_POSE
+        raise UserError(f"the store was collected with {len(poses)} goals (goal_poses), so the goal of each step is "
+                        "unknown")
+    return [float(v) for v in (source.get("goal_pose") or (poses[0] if poses else None) or DEFAULT_GOAL_POSE)]
+
+
+def _goal(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> np.ndarray:
+    """The `goal` observation for a store that does not hold one: the store's one goal (`store_goal_pose`), for
+    every step."""
+    import numpy as np
+
+    from fm_policy.errors import UserError
+
+    from .pusht import goal_keypoint_obs
+
+    try:
+        goal = store_goal_pose(attrs)
+    except UserError as exc:
+        raise UserError(f"no `goal` key stored, and {exc}; recollect it (collected stores now hold `goal`)") from None
     row = goal_keypoint_obs(np.asarray(goal, dtype=np.float64)).astype(np.float32)
     return np.tile(row, (len(arrays["state"]), 1))
 
