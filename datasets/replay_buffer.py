@@ -26,7 +26,12 @@ import numcodecs
 import numpy as np
 import zarr
 from fm_policy.datasets.errors import DatasetError
-from fm_policy.datasets.validation import check_required_keys, read_rows, validate_replay_buffer
+from fm_policy.datasets.validation import (
+    check_finite_rows,
+    check_required_keys,
+    read_rows,
+    validate_replay_buffer,
+)
 
 CompressorName = Literal["default", "disk", "none"]
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024  # diffusion_policy aims at ~2 MB chunks; the same trade-off holds here
@@ -63,6 +68,7 @@ class ReplayBuffer:
         self.path = path
         self._store = store  # a ZipStore that must be closed; None for directory stores
         self.storage_options: dict[str, Any] = {}  # fsspec options of a store opened by URL
+        self._check_on_read: set[str] = set()  # large float keys whose NaN/inf check runs when they are read
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -101,8 +107,9 @@ class ReplayBuffer:
             raise
         except Exception as exc:  # zarr raises several types for "not a group"; one clear message for all
             raise DatasetError(path, f"not a readable zarr group ({type(exc).__name__}: {exc})") from exc
-        validate_replay_buffer(root, path, required_keys=required_keys, check_finite=check_finite)
+        deferred = validate_replay_buffer(root, path, required_keys=required_keys, check_finite=check_finite)
         buffer = cls(root, path, store)
+        buffer._check_on_read = deferred
         buffer.storage_options = dict(storage_options or {})
         return buffer
 
@@ -213,13 +220,19 @@ class ReplayBuffer:
 
     def get_episode(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         sl = self.episode_slice(index)
-        return {k: read_rows(self.array(k), sl, self.path, f"data/{k}") for k in (keys or self.keys)}
+        return {k: self._read(k, sl) for k in (keys or self.keys)}
 
     def load(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Read whole arrays into memory (the default for training: no per-sample reads in the hot loop). A store
         larger than memory is streamed instead (`datasets/streaming.py`, `data.storage`)."""
         n = self.n_steps
-        return {k: read_rows(self.array(k), slice(0, n), self.path, f"data/{k}") for k in (keys or self.keys)}
+        return {k: self._read(k, slice(0, n)) for k in (keys or self.keys)}
+
+    def _read(self, key: str, rows: slice) -> np.ndarray:
+        values = read_rows(self.array(key), rows, self.path, f"data/{key}")
+        if key in self._check_on_read:  # too large to scan at open: checked now, in memory (see validation.py)
+            check_finite_rows(values, rows.start or 0, self.path, key)
+        return values
 
     # ------------------------------------------------------------------ writing
     def add_episode(

@@ -12,6 +12,10 @@ import zarr
 from fm_policy.datasets.errors import DatasetError
 
 FINITE_CHECK_STEPS = 65536  # rows per read while scanning float arrays for NaN/inf: bounded memory on big stores
+FINITE_CHECK_AT_OPEN_BYTES = 256 * 2**20
+"""Float arrays up to this decoded size are scanned for NaN/inf when a store is opened; larger ones (float images,
+e.g. diffusion_policy's Push-T `img`, 2.8 GB: 56 s to scan from its zip) are checked when they are read instead
+(`ReplayBuffer.load` / `get_episode`), so opening a store for its low-dim keys stays instant."""
 
 
 def validate_episode_ends(ends: np.ndarray, store: str) -> None:
@@ -61,21 +65,30 @@ def read_rows(array: zarr.Array, rows: slice, store: str, key: str) -> np.ndarra
 
 def _check_finite(array: zarr.Array, store: str, key: str) -> None:
     for start in range(0, array.shape[0], FINITE_CHECK_STEPS):
-        block = read_rows(array, slice(start, start + FINITE_CHECK_STEPS), store, f"data/{key}")
-        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        if not finite.all():
-            step = start + int(np.argmin(finite))
-            raise DatasetError(store, f"contains NaN or inf (first at step {step})", key=f"data/{key}")
+        check_finite_rows(read_rows(array, slice(start, start + FINITE_CHECK_STEPS), store, f"data/{key}"), start,
+                          store, key)
+
+
+def check_finite_rows(block: np.ndarray, first_step: int, store: str, key: str) -> None:
+    """Raise `DatasetError` naming the first step of `block` (rows `first_step`.. of data/`key`) with NaN or inf."""
+    if block.dtype.kind != "f" or not len(block):
+        return
+    finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if not finite.all():
+        step = first_step + int(np.argmin(finite))
+        raise DatasetError(store, f"contains NaN or inf (first at step {step})", key=f"data/{key}")
 
 
 def validate_replay_buffer(
     root: zarr.Group, store: str, required_keys: Iterable[str] = (), check_finite: bool = True
-) -> None:
+) -> set[str]:
     """Raise `DatasetError` unless `root` has the diffusion_policy layout and holds `required_keys`.
 
     Checks: `data` and `meta/episode_ends` exist; episode ends are valid; every data array has a numeric dtype and
     exactly `episode_ends[-1]` steps; float arrays are finite (`check_finite`); `required_keys` are present.
+    Returns the float keys too large to scan here (`FINITE_CHECK_AT_OPEN_BYTES`), which the reader checks on read.
     """
+    deferred: set[str] = set()
     for group in ("data", "meta"):
         if group not in root or not isinstance(root[group], zarr.Group):
             raise DatasetError(store, f"missing the '{group}' group (expected data/<key> and meta/episode_ends)")
@@ -102,9 +115,13 @@ def validate_replay_buffer(
                 f"data/{key}",
             )
         if check_finite and array.dtype.kind == "f":
-            _check_finite(array, store, key)
+            if int(np.prod(array.shape, dtype=np.int64)) * array.dtype.itemsize > FINITE_CHECK_AT_OPEN_BYTES:
+                deferred.add(key)
+            else:
+                _check_finite(array, store, key)
 
     check_required_keys(keys, required_keys, store)
+    return deferred
 
 
 def check_required_keys(available: Iterable[str], required: Iterable[str], store: str) -> None:

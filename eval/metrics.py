@@ -132,3 +132,29 @@ def rate_ci(flags: Sequence[bool] | np.ndarray, z: float = Z_95) -> Estimate:
 def success_rate(successes: Sequence[bool] | np.ndarray) -> Estimate:
     """Fraction of successful episodes with a 95% Wilson interval."""
     return rate_ci(successes)
+
+
+# ------------------------------------------------------------------------------------- comparisons over training seeds
+def seed_summary(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (ddof 1; 0 for one value) and count of one metric over training seeds."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def seed_difference(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Difference of means a - b over training seeds, with its standard error (unpooled: the two groups may differ
+    in spread and in count)."""
+    return {"diff": a["mean"] - b["mean"],
+            "se": math.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1))}
+
+
+def seed_verdict(a: dict[str, float], b: dict[str, float], higher_is_better: bool = True) -> str:
+    """win / tie / loss of a against b (two `seed_summary` dicts): a difference of means beyond 2 standard errors
+    counts; with a single seed on either side there is no standard error, so no verdict ("1 seed")."""
+    if min(a["n"], b["n"]) < 2:
+        return "1 seed"
+    d = seed_difference(a, b)
+    diff = d["diff"] if higher_is_better else -d["diff"]
+    if abs(diff) <= max(2 * d["se"], 1e-9):
+        return "tie"
+    return "win" if diff > 0 else "loss"

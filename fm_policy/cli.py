@@ -129,6 +129,14 @@ def _cmd_dataset_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dataset_replay(args: argparse.Namespace) -> int:
+    from fm_policy.eval.demo_replay import format_replay, replay_store
+
+    summary = replay_store(args.path, env=args.env, episodes=args.episodes, tolerance=args.tolerance)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_replay(summary))
+    return 0
+
+
 def _cmd_convert_robomimic(args: argparse.Namespace) -> int:
     from fm_policy.datasets.convert_robomimic import convert_robomimic
 
@@ -348,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--keys", type=_csv, help="data keys that must be present, e.g. state,action")
     p.set_defaults(func=_cmd_dataset_validate)
+    p = dataset.add_parser("replay", help="replay stored demos open loop in their simulator: does the env reproduce them?")
+    p.add_argument("path")
+    p.add_argument("--env", help="suite of a store that does not record it (pusht for diffusion_policy's Push-T demos)")
+    p.add_argument("--episodes", type=int, help="replay only the first N episodes (default: all)")
+    p.add_argument("--tolerance", type=float, help="state gap counted as divergence (default: per suite)")
+    p.add_argument("--json", action="store_true", help="print JSON (with per-episode rows) instead of a summary")
+    p.set_defaults(func=_cmd_dataset_replay)
 
     convert = sub.add_parser("convert", help="convert other dataset formats to a zarr replay buffer").add_subparsers(
         dest="format", required=True, metavar="format")

@@ -138,3 +138,32 @@ print("ok", int(ends[-1]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_open_loop_replay_reproduces_the_store_and_catches_a_tampered_one(reference, tmp_path, capsys):
+    """`fm-policy dataset replay`: a collected store replays exactly and every episode succeeds again; the same
+    episodes with actions nudged 25 px diverge, and the report says where. A store without its env is refused."""
+    from fm_policy.errors import UserError
+    from fm_policy.eval.demo_replay import replay_store
+
+    good = replay_store(reference)
+    assert good.env == "pusht" and [e.success for e in good.episodes] == [True, True]
+    assert max(e.gap_max for e in good.episodes) < 1e-3 and all(e.diverged_at is None for e in good.episodes)
+
+    with ReplayBuffer.open(reference) as buffer:
+        tampered = ReplayBuffer.create(tmp_path / "tampered.zarr", attrs=buffer.attrs)
+        bare = ReplayBuffer.create(tmp_path / "bare.zarr")
+        for i in range(buffer.n_episodes):
+            ep = buffer.get_episode(i, ["state", "action"])
+            bare.add_episode(ep)
+            ep["action"] = ep["action"] + np.float32(25.0)
+            tampered.add_episode(ep)
+    bad = replay_store(str(tmp_path / "tampered.zarr"))
+    assert all(e.diverged_at is not None and e.diverged_at < 10 for e in bad.episodes)
+    assert min(e.gap_max for e in bad.episodes) > 5.0
+
+    with pytest.raises(UserError, match="--env pusht"):
+        replay_store(str(tmp_path / "bare.zarr"))
+    assert main(["dataset", "replay", str(tmp_path / "bare.zarr"), "--env", "pusht", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["episodes"] == 2 and report["diverged_fraction"] == 0.0

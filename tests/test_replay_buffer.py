@@ -181,6 +181,26 @@ def test_validation_errors_name_store_key_and_problem(tmp_path, mutate, key, mes
     assert message in str(info.value)
 
 
+def test_large_float_arrays_are_checked_when_read_not_at_open(tmp_path, monkeypatch):
+    """A float image array too large to scan at open (threshold lowered here) opens at once; a NaN in it is still
+    reported, naming store, key and step, by the read that would have used it; low-dim keys still read."""
+    from fm_policy.datasets import validation
+
+    path = _store_with(tmp_path, lambda r: r["data"].create_array(
+        "img_f", data=np.where(np.arange(24)[:, None, None] == 13, np.nan, 0.5) * np.ones((24, 4, 4), np.float32)))
+    monkeypatch.setattr(validation, "FINITE_CHECK_AT_OPEN_BYTES", 1024)
+    with ReplayBuffer.open(path) as buffer:
+        assert buffer.load(["state"])["state"].shape == (24, 5)
+        assert buffer.get_episode(0, ["img_f"])["img_f"].shape == (7, 4, 4)
+        with pytest.raises(DatasetError, match=r"key 'data/img_f': contains NaN or inf \(first at step 13\)"):
+            buffer.load(["img_f"])
+        with pytest.raises(DatasetError, match=r"first at step 13"):
+            buffer.get_episode(1, ["img_f"])  # rows 7..18
+    monkeypatch.setattr(validation, "FINITE_CHECK_AT_OPEN_BYTES", 2**30)
+    with pytest.raises(DatasetError, match="first at step 13"):
+        ReplayBuffer.open(path)
+
+
 def test_missing_required_key_and_missing_store(tmp_path):
     path = str(tmp_path / "demo.zarr")
     _write_buffer(path)

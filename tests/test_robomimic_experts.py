@@ -69,6 +69,10 @@ def test_collect_cli_stores_replayable_demos(tmp_path, capsys):
         assert terminated and info["is_success"]  # the demo ends at its first successful step
     finally:
         env.close()
+    from fm_policy.eval.demo_replay import replay_store
+
+    summary = replay_store(str(out))  # the package's open-loop replay agrees on both demos
+    assert summary.env == "robomimic" and all(e.success and e.gap_max == 0.0 for e in summary.episodes)
 
 
 def test_recorder_rejects_unknown_observation_modes():

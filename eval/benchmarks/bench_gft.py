@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import re
 import shlex
@@ -54,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from fm_policy.eval.benchmarks.bench_common import write_results
+from fm_policy.eval.metrics import seed_summary, seed_verdict
 
 from fm_policy.couplings import ode_path_length
 from fm_policy.versions import hardware_summary
@@ -350,11 +350,6 @@ def auc(curve: list[dict]) -> float:
     return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
-
-
 def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
     """Per (demos, method): mean, sample std and count over seeds of every reported metric."""
     out: dict[str, dict[str, dict]] = {}
@@ -379,7 +374,7 @@ def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
                 losses = r.get("losses", {}).get("loss", [])
                 if losses:  # the mean of the last fifth of the logged curve: the level training settled at
                     metrics.setdefault("final_loss", []).append(float(np.mean(losses[-max(1, len(losses) // 5):])))
-            stats = {k: _mean_std(v) for k, v in metrics.items()}
+            stats = {k: seed_summary(v) for k, v in metrics.items()}
             reached = [steps_to_threshold(r["curve"], cfg.threshold) for r in group]
             stats["steps_to_threshold"] = {"reached": sum(s is not None for s in reached), "n": len(reached),
                                            **({"median": float(np.median([s for s in reached if s is not None]))}
@@ -390,24 +385,10 @@ def aggregate(cfg: BenchConfig, runs: list[dict]) -> dict[str, dict[str, dict]]:
                 stats["loss_seed_std"] = float(np.mean(np.std(np.asarray(curves), axis=0, ddof=1)))
             steps = cfg.checkpoint_steps
             stats["curve"] = {"step": steps, **{
-                key: [_mean_std([next(c[key] for c in r["curve"] if c["step"] == s) for r in group]) for s in steps]
+                key: [seed_summary([next(c[key] for c in r["curve"] if c["step"] == s) for r in group]) for s in steps]
                 for key in ("success", "score")}}
             out.setdefault(str(n), {})[method] = stats
     return out
-
-
-def compare(a: dict[str, float], b: dict[str, float], higher_is_better: bool = True) -> str:
-    """win / tie / loss of a against b: a difference of means beyond 2 standard errors (over seeds) counts; with a
-    single seed on either side there is no standard error, so no verdict ("1 seed")."""
-    if min(a["n"], b["n"]) < 2:
-        return "1 seed"
-    diff = a["mean"] - b["mean"]
-    se = math.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1))
-    if not higher_is_better:
-        diff = -diff
-    if abs(diff) <= max(2 * se, 1e-9):
-        return "tie"
-    return "win" if diff > 0 else "loss"
 
 
 # ---------------------------------------------------------------------------------------------------------------- report
@@ -434,7 +415,7 @@ def verdicts(cfg: BenchConfig, agg: dict) -> list[str]:
             parts = []
             for key, higher in checks:
                 if key in by_method[method] and key in by_method[other]:
-                    parts.append(f"{key} {compare(by_method[method][key], by_method[other][key], higher)}")
+                    parts.append(f"{key} {seed_verdict(by_method[method][key], by_method[other][key], higher)}")
             lines.append(f"- {n} demos, {method.upper()} vs {other.upper()}: " + ", ".join(parts))
     return lines
 
