@@ -45,11 +45,17 @@ class PushTRecorder:
     `state` (5) always (it is also what `reset_to_state` replays), `keypoint` (9, 2) for the `keypoints` mode,
     `img` (96, 96, 3) uint8 for the `image` mode, `action` (2), `n_contacts` (1), plus `goal` (18) always: the
     episode's goal as the env's `goal` observation, so every store can train a goal-aware policy and a multi-goal
-    store (`goal_poses`) says which goal each episode had. The `goal` mode is accepted and changes nothing."""
+    store (`goal_poses`) says which goal each episode had. The `goal` mode is accepted and changes nothing.
+
+    `action_noise` > 0 (px) collects DART-style: the env executes the expert's target plus Gaussian noise of that
+    standard deviation, while `action` stores the expert's own target and `executed_action` what ran (replays use
+    it). The expert re-plans from the perturbed states, so the demos show recoveries a noise-free expert never
+    needs -- the states a policy's own errors lead to."""
 
     KEY_FOR_MODE = {"state": "state", "keypoints": "keypoint", "image": "img", "goal": "goal"}
 
-    def __init__(self, obs_modes: Sequence[str] = ("state", "keypoints"), max_steps: int = 300, **env_kwargs: Any):
+    def __init__(self, obs_modes: Sequence[str] = ("state", "keypoints"), max_steps: int = 300,
+                 action_noise: float = 0.0, **env_kwargs: Any):
         from fm_policy.datasets.experts.pusht import PushTExpert, PushTExpertConfig
         from fm_policy.envs import make_env
 
@@ -62,6 +68,9 @@ class PushTRecorder:
         self.env = make_env("pusht", obs_mode=",".join(env_modes), max_episode_steps=max_steps, **env_kwargs)
         self.env_kwargs = dict(env_kwargs)
         self.max_steps = max_steps
+        if not (np.isfinite(action_noise) and action_noise >= 0):
+            raise UserError(f"action_noise must be a finite number of pixels >= 0, got {action_noise!r}")
+        self.action_noise = float(action_noise)
         self.expert_config = PushTExpertConfig()
         self.expert = PushTExpert(self.expert_config, seed=0)
 
@@ -72,6 +81,9 @@ class PushTRecorder:
         self.expert.reset(planner_seed)
         goal = goal_keypoint_obs(self.env.goal_pose).astype(np.float32)  # the goal is fixed within an episode
         rows: dict[str, list[np.ndarray]] = {"state": [], "action": [], "n_contacts": [], "goal": []}
+        noise = np.random.default_rng([env_seed, planner_seed]) if self.action_noise else None
+        if noise is not None:
+            rows["executed_action"] = []
         if "keypoints" in self.obs_modes:
             rows["keypoint"] = []
         if "image" in self.obs_modes:
@@ -86,7 +98,11 @@ class PushTRecorder:
             if "img" in rows:
                 rows["img"].append(obs["image"])
             rows["goal"].append(goal)
-            obs, _, terminated, truncated, info = self.env.step(action)
+            executed = action
+            if noise is not None:
+                executed = (action + noise.normal(0.0, self.action_noise, 2)).astype(np.float32)
+                rows["executed_action"].append(executed)
+            obs, _, terminated, truncated, info = self.env.step(executed)
             rows["action"].append(action)
             rows["n_contacts"].append(np.array([info["n_contacts"]], dtype=np.float32))
             success = bool(info["is_success"])
@@ -107,7 +123,8 @@ class PushTRecorder:
             "goal_poses": [[float(v) for v in g] for g in goals],
             "obs_modes": list(self.obs_modes),
             "max_steps": self.max_steps,
-            "expert": {"name": "PushTExpert (push-primitive planner)", "config": asdict(self.expert_config)},
+            "expert": {"name": "PushTExpert (push-primitive planner)", "config": asdict(self.expert_config),
+                       "action_noise": self.action_noise},
         }
 
 

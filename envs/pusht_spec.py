@@ -110,6 +110,18 @@ def parse_goals(value: str) -> list[list[float]]:
         raise ValueError(f"in goal set '{value}' (goals separated by ';'): {exc}") from None
 
 
+def parse_action_noise(value: str) -> float:
+    import math
+
+    try:
+        sigma = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of pixels, got '{value}'") from None
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"must be a finite number of pixels >= 0, got {value}")
+    return sigma
+
+
 SPEC = EnvSpec(
     name="pusht",
     description="Push-T (gym-pusht): push a T-shaped block onto its goal pose with a point agent",
@@ -128,6 +140,9 @@ SPEC = EnvSpec(
     options=(
         EnvOption("--goal", "goal_pose", parse_goal, metavar="X,Y,ANGLE",
                   help="Push-T variant: the T's goal pose (default: gym-pusht's 256,256,0.7854)"),
+        EnvOption("--action-noise", "action_noise", parse_action_noise, metavar="PX", commands=("collect",),
+                  help="DART-style collection: Gaussian noise (std, px) added to the executed action; `action` keeps "
+                       "the expert's target, `executed_action` what ran (default 0)"),
         EnvOption("--goals", "goal_poses", parse_goals, metavar="'X,Y,A;X,Y,A;...'",
                   help="Push-T goal set: each episode's goal is goal number (env seed mod count); add the `goal` "
                        "observation key to let a policy see it"),

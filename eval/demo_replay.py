@@ -83,11 +83,14 @@ def _replay_pusht(buffer: ReplayBuffer, indices: Iterable[int], tolerance: float
 
     source = buffer.attrs.get("source") if isinstance(buffer.attrs.get("source"), Mapping) else {}
     env = make_env("pusht", goal_pose=store_goal_pose(buffer.attrs), **dict(source.get("env_kwargs") or {}))
-    episodes = _episode_reader(buffer, ["state", "action"])
+    # a DART-style store (collected with action noise) labels the expert's target; the env ran `executed_action`
+    executed = "executed_action" if "executed_action" in buffer.keys else "action"
+    episodes = _episode_reader(buffer, ["state", executed])
     out = []
     try:
         for index in indices:
             ep = episodes(index)
+            ep["action"] = ep[executed]
             state0 = ep["state"][0].astype(np.float64)
             _, info = env.reset(options={"reset_to_state": reset_state_for_pose(state0[:2], state0[2:5])})
             replayed, coverage = [], []

@@ -143,8 +143,9 @@ print("ok", int(ends[-1]))
 def test_open_loop_replay_reproduces_the_store_and_catches_a_tampered_one(reference, tmp_path, capsys):
     """`fm-policy dataset replay`: a collected store replays exactly and every episode succeeds again; the same
     episodes with actions nudged 25 px diverge, and the report says where. A store without its env is refused."""
-    from fm_policy.errors import UserError
     from fm_policy.eval.demo_replay import replay_store
+
+    from fm_policy.errors import UserError
 
     good = replay_store(reference)
     assert good.env == "pusht" and [e.success for e in good.episodes] == [True, True]
@@ -167,3 +168,25 @@ def test_open_loop_replay_reproduces_the_store_and_catches_a_tampered_one(refere
     assert main(["dataset", "replay", str(tmp_path / "bare.zarr"), "--env", "pusht", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["episodes"] == 2 and report["diverged_fraction"] == 0.0
+
+
+def test_dart_collection_labels_the_expert_and_replays_what_ran(tmp_path, capsys):
+    """`--action-noise`: the env executes the expert's target plus noise; `action` is the expert's target, and the
+    store replays exactly from `executed_action`. Bad values are usage errors."""
+    from fm_policy.eval.demo_replay import replay_store
+
+    out = str(tmp_path / "dart.zarr")
+    assert main(["collect", "--env", "pusht", "--episodes", "1", "--seed", str(SEED), "--action-noise", "3",
+                 "--out", out, "--no-progress"]) == 0
+    with ReplayBuffer.open(out) as buffer:
+        ep = buffer.get_episode(0, ["action", "executed_action"])
+        noise = ep["executed_action"] - ep["action"]
+        assert 1.5 < noise.std() < 4.5 and abs(noise.mean()) < 1.0
+        assert buffer.attrs["source"]["expert"]["action_noise"] == 3.0
+        assert "action_noise" not in buffer.attrs["source"]["env_kwargs"]  # the env itself is unchanged
+    summary = replay_store(out)
+    assert summary.episodes[0].success and summary.episodes[0].gap_max < 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["collect", "--env", "pusht", "--episodes", "1", "--action-noise", "-1", "--out", str(tmp_path / "x")])
+    assert "--action-noise" in capsys.readouterr().err

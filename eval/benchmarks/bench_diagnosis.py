@@ -31,12 +31,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from fm_policy.datasets.replay_buffer import ReplayBuffer
 from fm_policy.envs.pusht_spec import store_goal_pose
 from fm_policy.eval.benchmarks.bench_common import write_results
 from fm_policy.eval.demo_replay import replay_store
 from fm_policy.eval.metrics import seed_difference, seed_summary, seed_verdict
+
 from fm_policy.versions import hardware_summary
 
 PAUSE_SPEED = 1.0  # px per step below which the agent counts as paused (typical pushing speed is 5-15 px per step)
@@ -70,7 +70,7 @@ def pusht_demo_statistics(path: str, seed: int = 0) -> dict[str, Any]:
     start = state[np.concatenate([[0], ends[:-1]])]
     start_angle = np.abs((start[:, 4] - goal[2] + np.pi) % (2 * np.pi) - np.pi)
     out = {
-        "episodes": int(len(ends)), "steps": int(len(state)),
+        "episodes": len(ends), "steps": len(state),
         "length_mean": float(lengths.mean()), "length_p10": float(np.quantile(lengths, 0.1)),
         "length_p90": float(np.quantile(lengths, 0.9)),
         "agent_speed_mean": float(speed.mean()), "pause_fraction": float((speed < PAUSE_SPEED).mean()),
@@ -203,15 +203,15 @@ def _pm(stat: dict[str, float], digits: int) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Diagnosis: env, data or learner", "",
-             "Produced by `eval/benchmarks/bench_diagnosis.py`; every number below is in `diagnosis.json` beside "
+             ("Produced by `eval/benchmarks/bench_diagnosis.py`; every number below is in `diagnosis.json` beside "
              "this page. Rule: a difference of means beyond 2 standard errors over training seeds is a difference, "
-             "otherwise a tie.", "", f"Hardware: {result['hardware']}. Date: {result['date']}.", ""]
+             "otherwise a tie."), "", f"Hardware: {result['hardware']}. Date: {result['date']}.", ""]
     if result["replay"]:
         lines += ["## 1. Open-loop replay of the stored demonstrations", "",
-                  "Each episode's stored actions, fed to the env from the episode's own start (`fm-policy dataset "
-                  "replay`). Gap: stored vs replayed state after each action.", "",
-                  "| store | env | episodes | replay success | replay score (mean) | diverged | final gap median / p90 "
-                  "| largest gap | gap units | env steps/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("Each episode's stored actions, fed to the env from the episode's own start (`fm-policy dataset "
+                  "replay`). Gap: stored vs replayed state after each action."), "",
+                  ("| store | env | episodes | replay success | replay score (mean) | diverged | final gap median / p90 "
+                  "| largest gap | gap units | env steps/s |"), "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in result["replay"].items():
             lines.append(f"| {name} (`{result['stores'][name]['path']}`) | {r['env']} | {r['episodes']} | "
                          f"{r['success_rate']:.2f} | {r['mean_score']:.3f} | {r['diverged_fraction']:.0%} "
