@@ -15,7 +15,7 @@ the page names), and the page is what this script renders from it. Three kinds o
 - **pages with hand-written prose** (kitchen.md, robomimic.md) and README.md: only the blocks between
   `<!-- results:start NAME -->` and `<!-- results:end -->` are rendered, by the functions below; the prose around
   them is kept as it is and must not restate a number that is not in a block;
-- the README's headline table (block `headline` in README.md), assembled from pusht.json, finetuning_scripted.json and
+- the README's headline table (block `headline` in README.md), assembled from pusht.json, finetuning_scripted_one_seed.json and
   policy_speed.json.
 
 `tests/test_results_pages.py` renders everything into a temporary folder and compares it with the committed files, so
@@ -45,6 +45,7 @@ BLOCK_RE = re.compile(r"(<!-- results:start (?P<name>[\w-]+) -->\n)(?P<body>.*?)
 BENCH_PAGES: dict[str, tuple[str, str]] = {
     "deploy": ("bench_deploy", "to_markdown"),
     "deploy_load": ("bench_serve_load", "markdown"),
+    "diagnosis": ("bench_diagnosis", "markdown"),
     "gft": ("bench_gft", "markdown"),
     "gft_moved_goal": ("bench_gft", "markdown"),  # the earlier keypoint-only run (scripted demos of a moved goal)
     "kitchen_expert": ("bench_kitchen_expert", "to_markdown"),
@@ -56,7 +57,7 @@ BENCH_PAGES: dict[str, tuple[str, str]] = {
     "toy_2d": ("toy_2d", "to_markdown"),
     "vision_speed": ("bench_vision", "to_markdown"),
 }
-PUSHT_PAGES = ("pusht", "finetuning_scripted", "finetuning")  # pusht_results.render
+PUSHT_PAGES = ("pusht", "finetuning_scripted_one_seed", "finetuning_scripted", "finetuning")  # pusht_results.render
 EVAL_PAGES = ("robomimic_lift_eval", "robomimic_can_eval", "robomimic_square_eval")  # report.markdown_from_summary
 BLOCK_PAGES = ("kitchen", "robomimic")  # hand-written prose with rendered blocks
 
@@ -315,8 +316,8 @@ HEADLINE_ROWS: tuple[tuple[str, str, str, str, int, tuple[str, str]], ...] = (
     ("flow, 8k steps", "Euler-8", "pusht", "flow", 8, ("flow", "euler-8")),
     ("flow, 20k steps", "Euler-8", "pusht", "flow-20k", 8, ("flow", "euler-8")),
     ("flow, 20k steps", "Euler-1", "pusht", "flow-20k", 1, ("flow", "euler-1")),
-    ("flow 20k + MLE fine-tuning for 2 steps", "Euler-2", "finetuning_scripted", "ft-fm-2-on-20k", 2, ("flow", "euler-2")),
-    ("flow 20k + MLE fine-tuning for 1 step", "Euler-1", "finetuning_scripted", "ft-fm-1-on-20k", 1, ("flow", "euler-1")),
+    ("flow 20k + MLE fine-tuning for 2 steps", "Euler-2", "finetuning_scripted_one_seed", "ft-fm-2-on-20k", 2, ("flow", "euler-2")),
+    ("flow 20k + MLE fine-tuning for 1 step", "Euler-1", "finetuning_scripted_one_seed", "ft-fm-1-on-20k", 1, ("flow", "euler-1")),
     ("Diffusion Policy, 8k steps", "DDPM-100", "pusht", "ddpm-ddpm", 100, ("ddpm", "ddpm-100")),
     ("Diffusion Policy, 8k steps", "DDIM-10", "pusht", "ddpm-ddim", 10, ("ddpm", "ddim-10")),
 )
@@ -327,7 +328,7 @@ def _ms_short(value: float) -> str:
 
 
 def readme_headline(root: Path) -> str:
-    pages = {name: _load(root, name) for name in ("pusht", "finetuning_scripted")}
+    pages = {name: _load(root, name) for name in ("pusht", "finetuning_scripted_one_seed")}
     speed = {(r["policy"], r["sampler"]): r for r in _load(root, "policy_speed")["inference"]}
     protocol = pages["pusht"]["protocol"]
     lines = [f"Headline (Push-T with keypoint observations, 200 expert demos, the same 1.2 M-parameter U-Net, "
@@ -336,7 +337,7 @@ def readme_headline(root: Path) -> str:
              "do not overlap. The sampler settings were fixed beforehand (8 Euler steps is the acceptance setting, "
              "1 and 2 steps are what the fine-tuned models were trained for, DDPM-100 and DDIM-10 are "
              "diffusion_policy's samplers), not picked as the best on the test seeds. Sources: "
-             "[pusht.json](docs/results/pusht.json), [finetuning_scripted.json](docs/results/finetuning_scripted.json) and, for "
+             "[pusht.json](docs/results/pusht.json), [finetuning_scripted_one_seed.json](docs/results/finetuning_scripted_one_seed.json) and, for "
              "latency, [policy_speed.json](docs/results/policy_speed.json).", "",
              "| policy | sampler | score [95% CI] | success [95% CI] | ms per chunk (batch 1, CPU) |",
              "|---|---|---|---|---|"]
