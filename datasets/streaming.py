@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from fm_policy.datasets.errors import DatasetError
+from fm_policy.datasets.validation import check_finite_rows
 
 DECODE_THREADS = 2  # per reading process: decoding overlaps the gather without oversubscribing small machines
 MIN_CACHE_BYTES = 16 * 1024 * 1024
@@ -475,6 +476,9 @@ class ChunkedArray(_RowArray):
         if chunk_data.shape[0] != rows:
             raise DatasetError(self.source.path, f"chunk {chunk} holds {chunk_data.shape[0]} rows, expected {rows}",
                                key=f"data/{self.key}")
+        # opening a store scans only float arrays small enough (datasets/validation.py); the large ones are checked
+        # here, on the chunks a run actually reads (a no-op for the uint8 images collected stores hold)
+        check_finite_rows(chunk_data, first, self.source.path, self.key)
         return chunk_data
 
     def _decode_into(self, chunk: int, slot: np.ndarray) -> None:

@@ -15,7 +15,7 @@ FINITE_CHECK_STEPS = 65536  # rows per read while scanning float arrays for NaN/
 FINITE_CHECK_AT_OPEN_BYTES = 256 * 2**20
 """Float arrays up to this decoded size are scanned for NaN/inf when a store is opened; larger ones (float images,
 e.g. diffusion_policy's Push-T `img`, 2.8 GB: 56 s to scan from its zip) are checked when they are read instead
-(`ReplayBuffer.load` / `get_episode`), so opening a store for its low-dim keys stays instant."""
+(`ReplayBuffer.load` / `get_episode`, and each chunk the streaming reader decodes), so opening a store for its low-dim keys stays instant."""
 
 
 def validate_episode_ends(ends: np.ndarray, store: str) -> None:

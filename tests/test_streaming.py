@@ -216,6 +216,21 @@ def test_a_damaged_chunk_is_named_when_streamed(tmp_path):
             pass
 
 
+def test_a_nan_in_a_streamed_float_chunk_is_named(tmp_path):
+    """Float arrays too large to scan at open are checked on the chunks the streaming reader decodes."""
+    path = _store(str(tmp_path / "s.zarr"))
+    root = zarr.open_group(path, mode="a")
+    state = root["data/state"][:]
+    state[17, 0] = np.nan
+    root["data/state"][:] = state
+    with ReplayBuffer.open(path, check_finite=False) as buffer:
+        source = StoreSource(path, cache_bytes=1 << 20)
+        array = ChunkedArray(source, buffer.array("state"), buffer.n_steps)
+        np.testing.assert_array_equal(array[:10], state[:10])  # clean chunks read as before
+        with pytest.raises(DatasetError, match=r"key 'data/state': contains NaN or inf \(first at step 17\)"):
+            list(array.iter_blocks())
+
+
 def _config(store: str, run_dir: Path, *overrides: str):
     return load_train_config(None, [
         f"data.path={store}", "data.obs_keys=[state]", "data.val_ratio=0.2", "data.storage=stream",
